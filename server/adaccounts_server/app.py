@@ -1,0 +1,119 @@
+"""Build, start and stop the server; run it until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Settings
+from .db import Database, safe_url, upgrade_to_head
+from .health import DatabaseMonitor
+from .page_tokens import PageTokens
+from .repository import AdAccountRepository
+from .service import SERVICE_NAME, AdAccountService, rpc_handlers
+
+log = logging.getLogger(__name__)
+
+# What stop() leaves to gRPC itself once our own drain is over: long-lived
+# health Watch streams are cancelled, nothing else should still be running.
+_FINAL_STOP_GRACE_S = 1.0
+
+
+class App:
+    """One server process: the engine, the worker threads, the gRPC server, the health monitor."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = Database(settings)
+        self.executor = ThreadPoolExecutor(max_workers=settings.GRPC_THREADS, thread_name_prefix="rpc")
+        self.service = AdAccountService(
+            AdAccountRepository(self.database), self.executor, PageTokens(settings.page_token_key)
+        )
+        self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    def _build_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                # Never share a port with another server by accident.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        server.add_generic_rpc_handlers((rpc_handlers(self.service),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        return server
+
+    async def start(self) -> int:
+        """Bind, start serving and start the health monitor; returns the bound port."""
+        settings = self.settings
+        self.server = self._build_server()
+        log.info("database: %s", safe_url(self.database.url))
+        if self.database.is_sqlite:
+            # The embedded default: bring the file to the current schema with the
+            # same migrations as PostgreSQL. PostgreSQL is never migrated here.
+            await asyncio.get_running_loop().run_in_executor(None, upgrade_to_head, self.database.url)
+        address = f"{settings.GRPC_HOST}:{settings.GRPC_PORT}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {address}: {error}") from None
+        await self.server.start()
+        await self.monitor.start()
+        log.info(
+            "serving adaccounts.v1 on %s:%d (%d worker threads, pool %d+%d)",
+            settings.GRPC_HOST,
+            self.port,
+            settings.GRPC_THREADS,
+            settings.pool_size,
+            settings.DB_MAX_OVERFLOW,
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        """NOT_SERVING, refuse new calls, let calls in progress finish, then release everything."""
+        grace = self.settings.SHUTDOWN_GRACE_S
+        started = time.monotonic()
+        log.info("shutting down: finishing %d call(s) in progress (grace %g s)", self.service.in_flight, grace)
+        await self.monitor.stop()
+        # gRPC's own stop(grace) resets calls it accepted but had not yet handed
+        # to a handler (grpc/grpc#41785), so drain at our level first: new calls
+        # get a clean UNAVAILABLE while the ones in progress finish.
+        self.service.start_draining()
+        if not await self.service.wait_idle(grace):
+            log.warning("grace period over: cancelling %d call(s) still in progress", self.service.in_flight)
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        if self.server is not None:
+            await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.database.dispose()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
+
+
+def serve(settings: Settings) -> None:
+    asyncio.run(App(settings).run_until_signalled())

@@ -1,0 +1,105 @@
+"""`adaccounts`: serve, migrate, check.
+
+Exit codes: 0 success; 1 the operation failed (database unreachable, probe not
+SERVING, port taken); 2 bad usage or an invalid setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="adaccounts", description="gRPC data service for ad accounts")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    serve.add_argument("--host", help="interface to listen on (GRPC_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on, 0 for any free one (GRPC_PORT)")
+    serve.add_argument("--threads", type=int, help="worker threads for database work (GRPC_THREADS)")
+
+    commands.add_parser("migrate", help="upgrade the database to the current schema (alembic upgrade head)")
+
+    check = commands.add_parser("check", help="ask a server's grpc.health.v1 service; exit 0 when SERVING")
+    check.add_argument("--target", help="host:port of the server (default: localhost:GRPC_PORT)")
+    check.add_argument("--service", default="", help="health service name (default: '' = the whole server)")
+    check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+
+    args = parser.parse_args(argv)
+    sys.exit({"serve": _serve, "migrate": _migrate, "check": _check}[args.command](args))
+
+
+def _settings(**overrides: object):  # type: ignore[no-untyped-def]
+    from .config import SettingsError, load_settings
+
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as error:
+        print(f"adaccounts: invalid setting {error}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(GRPC_HOST=args.host, GRPC_PORT=args.port, GRPC_THREADS=args.threads)
+    _configure_logging(settings.LOG_LEVEL)
+    from .app import serve
+
+    try:
+        serve(settings)
+    except OSError as error:
+        logging.getLogger("adaccounts").error("%s", error)
+        return EXIT_FAILED
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _configure_logging(settings.LOG_LEVEL)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db import safe_url, upgrade_to_head
+
+    try:
+        upgrade_to_head(settings.database_url)
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        print(f"adaccounts migrate: failed on {safe_url(settings.database_url)}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"adaccounts migrate: {safe_url(settings.database_url)} is at the current schema")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or f"localhost:{_settings().GRPC_PORT}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{target} {args.service!r}: {error.code().name} {error.details() or ''}".rstrip())
+            return EXIT_FAILED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{target} {args.service!r}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    main()

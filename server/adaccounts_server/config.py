@@ -1,0 +1,115 @@
+"""Settings: environment variables (and an optional `.env`), validated once at start-up."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+# The zero-setup default: a SQLite file in the working directory.
+EMBEDDED_DATABASE_URL = "sqlite:///adaccounts.db"
+
+# Only for the embedded SQLite default, so `adaccounts serve` works with no
+# configuration. Anything else must set PAGE_TOKEN_SECRET, shared by every
+# replica so that a page token minted by one is accepted by all.
+DEVELOPMENT_PAGE_TOKEN_SECRET = "adaccounts-development-only-page-token-secret"
+
+DEFAULT_THREADS = 8
+
+Positive = Annotated[int, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names it in one line."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    DATABASE_URL: SecretStr | None = None
+    POSTGRES_SERVER: str | None = None
+    POSTGRES_PORT: Annotated[int, Field(gt=0, lt=65536)] = 5432
+    POSTGRES_USER: str = "postgres"
+    POSTGRES_PASSWORD: SecretStr = SecretStr("")
+    POSTGRES_DB: str = "app"
+
+    GRPC_HOST: str = "0.0.0.0"
+    GRPC_PORT: Annotated[int, Field(ge=0, lt=65536)] = 50051
+    # Threads that run database work. Each holds at most one connection, so the
+    # pool defaults to the same size and never makes an RPC wait for another.
+    GRPC_THREADS: Positive = DEFAULT_THREADS
+
+    DB_POOL_SIZE: Positive | None = None  # default: GRPC_THREADS
+    DB_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 2  # headroom for the health monitor
+    DB_POOL_TIMEOUT: Seconds = 2.0
+    DB_POOL_RECYCLE: Seconds = 1800.0
+    DB_CONNECT_TIMEOUT: Positive = 3
+
+    HEALTH_CHECK_INTERVAL_S: Seconds = 1.0
+    HEALTH_CHECK_TIMEOUT_S: Seconds = 2.0
+    SHUTDOWN_GRACE_S: Annotated[float, Field(ge=0)] = 10.0
+
+    PAGE_TOKEN_SECRET: SecretStr | None = None
+    LOG_LEVEL: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if logging.getLevelName(self.LOG_LEVEL.upper()) not in range(0, 51):
+            raise ValueError(f"LOG_LEVEL: unknown level {self.LOG_LEVEL!r} (use DEBUG, INFO, WARNING, ERROR)")
+        try:
+            url = self.database_url
+        except Exception as exc:  # make_url's errors are ArgumentError/ValueError
+            raise ValueError(f"DATABASE_URL: not a database URL ({type(exc).__name__})") from None
+        if url.get_backend_name() not in ("postgresql", "sqlite"):
+            raise ValueError(f"DATABASE_URL: unsupported database {url.get_backend_name()!r} (postgresql or sqlite)")
+        secret = self.PAGE_TOKEN_SECRET
+        if secret is None and not self.uses_embedded_database:
+            raise ValueError("PAGE_TOKEN_SECRET: required when a database is configured (same value on every replica)")
+        if secret is not None and len(secret.get_secret_value()) < 16:
+            raise ValueError("PAGE_TOKEN_SECRET: must be at least 16 characters")
+        return self
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.DATABASE_URL is None and self.POSTGRES_SERVER is None
+
+    @cached_property
+    def database_url(self) -> URL:
+        """DATABASE_URL, else the POSTGRES_* parts, else the embedded SQLite file."""
+        if self.DATABASE_URL is not None:
+            return make_url(self.DATABASE_URL.get_secret_value())
+        if self.POSTGRES_SERVER is not None:
+            return URL.create(
+                "postgresql+psycopg2",
+                username=self.POSTGRES_USER,
+                password=self.POSTGRES_PASSWORD.get_secret_value() or None,
+                host=self.POSTGRES_SERVER,
+                port=self.POSTGRES_PORT,
+                database=self.POSTGRES_DB,
+            )
+        return make_url(EMBEDDED_DATABASE_URL)
+
+    @property
+    def pool_size(self) -> int:
+        return self.DB_POOL_SIZE or self.GRPC_THREADS
+
+    @property
+    def page_token_key(self) -> bytes:
+        secret = self.PAGE_TOKEN_SECRET
+        return (secret.get_secret_value() if secret else DEVELOPMENT_PAGE_TOKEN_SECRET).encode()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings; raise SettingsError with one line naming the bad one."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{where}: {message}" if where else message) from None

@@ -1,0 +1,317 @@
+"""Protobuf messages to validated values and rows back to protobuf.
+
+Every check on caller input lives here, so the repository only ever sees
+values that are already well formed; each failure names the offending field
+in a google.rpc.BadRequest field violation.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+import zoneinfo
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from adaccounts.v1 import ad_accounts_pb2 as pb
+
+from . import models
+from .errors import FieldViolation, InvalidArgument
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
+_TIME_ZONES = frozenset(zoneinfo.available_timezones())
+
+MUTABLE_FIELDS = ("name", "currency_code", "time_zone", "status")
+IMMUTABLE_FIELDS = ("owner_id", "platform", "external_id")
+OUTPUT_ONLY_FIELDS = ("id", "create_time", "update_time", "etag")
+
+# proto enum number <-> model enum, by name: PLATFORM_META <-> Platform.META.
+_PLATFORM_IN = {pb.Platform.Value(f"PLATFORM_{p.name}"): p for p in models.Platform}
+_PLATFORM_OUT = {p: n for n, p in _PLATFORM_IN.items()}
+_STATUS_IN = {pb.Status.Value(f"STATUS_{s.name}"): s for s in models.Status}
+_STATUS_OUT = {s: n for n, s in _STATUS_IN.items()}
+
+
+class Violations:
+    """Collects every problem with a request so the caller learns them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+
+# --- single values -----------------------------------------------------------------------
+
+
+def parse_id(value: str, field: str) -> uuid.UUID:
+    """A required UUID in canonical hyphenated form (any case)."""
+    violations = Violations()
+    parsed = _uuid(value, field, violations, required=True)
+    violations.raise_if_any()
+    assert parsed is not None
+    return parsed
+
+
+def _uuid(value: str, field: str, violations: Violations, *, required: bool) -> uuid.UUID | None:
+    if not value:
+        if required:
+            violations.add(field, "required")
+        return None
+    if len(value) != 36 or not _UUID.fullmatch(value):
+        violations.add(field, "must be a UUID in canonical form, like 123e4567-e89b-12d3-a456-426614174000")
+        return None
+    return uuid.UUID(value)
+
+
+def _name(value: str, field: str, violations: Violations) -> str | None:
+    if not value:
+        violations.add(field, "required")
+    elif len(value) > models.NAME_MAX:
+        violations.add(field, f"must be at most {models.NAME_MAX} characters (got {len(value)})")
+    elif any(unicodedata.category(c) == "Cc" for c in value):
+        violations.add(field, "must not contain control characters")
+    else:
+        return value
+    return None
+
+
+def _external_id(value: str, field: str, violations: Violations) -> str | None:
+    if not value:
+        violations.add(field, "required")
+    elif len(value) > models.EXTERNAL_ID_MAX:
+        violations.add(field, f"must be at most {models.EXTERNAL_ID_MAX} characters (got {len(value)})")
+    elif not value.isprintable() or any(c.isspace() for c in value):
+        violations.add(field, "must be printable characters without whitespace")
+    else:
+        return value
+    return None
+
+
+def _currency_code(value: str, field: str, violations: Violations) -> str | None:
+    if not value:
+        violations.add(field, "required")
+    elif not _CURRENCY.fullmatch(value):
+        violations.add(field, "must be an ISO 4217 code: three ASCII letters, like EUR")
+    else:
+        return value.upper()
+    return None
+
+
+def _time_zone(value: str, field: str, violations: Violations) -> str | None:
+    if not value:
+        violations.add(field, "required")
+    elif value not in _TIME_ZONES:
+        violations.add(field, "must be an IANA time zone name, like Europe/Paris")
+    else:
+        return value
+    return None
+
+
+def _platform(value: int, field: str, violations: Violations) -> models.Platform | None:
+    if value == pb.PLATFORM_UNSPECIFIED:
+        violations.add(field, "required")
+    elif value not in _PLATFORM_IN:
+        violations.add(field, f"unknown platform {value}")
+    else:
+        return _PLATFORM_IN[value]
+    return None
+
+
+def _status(value: int, field: str, violations: Violations, *, required: bool) -> models.Status | None:
+    if value == pb.STATUS_UNSPECIFIED:
+        if required:
+            violations.add(field, "required")
+    elif value not in _STATUS_IN:
+        violations.add(field, f"unknown status {value}")
+    else:
+        return _STATUS_IN[value]
+    return None
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    owner_id: uuid.UUID
+    platform: models.Platform
+    external_id: str
+    name: str
+    currency_code: str
+    time_zone: str
+    status: models.Status
+
+
+def parse_create(request: pb.CreateAdAccountRequest) -> tuple[NewAccount, uuid.UUID | None]:
+    """The account to create and the optional request_id; output-only fields are ignored."""
+    violations = Violations()
+    account = request.ad_account
+    if not request.HasField("ad_account"):
+        violations.add("ad_account", "required")
+    values = {
+        "owner_id": _uuid(account.owner_id, "ad_account.owner_id", violations, required=True),
+        "platform": _platform(account.platform, "ad_account.platform", violations),
+        "external_id": _external_id(account.external_id, "ad_account.external_id", violations),
+        "name": _name(account.name, "ad_account.name", violations),
+        "currency_code": _currency_code(account.currency_code, "ad_account.currency_code", violations),
+        "time_zone": _time_zone(account.time_zone, "ad_account.time_zone", violations),
+        "status": _status(account.status, "ad_account.status", violations, required=False) or models.Status.ACTIVE,
+    }
+    request_id = _uuid(request.request_id, "request_id", violations, required=False)
+    violations.raise_if_any()
+    return NewAccount(**values), request_id  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Update:
+    id: uuid.UUID
+    etag: str
+    changes: dict[str, object] = field(default_factory=dict)
+
+
+def parse_update(request: pb.UpdateAdAccountRequest) -> Update:
+    """Which account, the etag to check, and the new value of each field in the mask."""
+    violations = Violations()
+    if not request.HasField("ad_account"):
+        violations.add("ad_account", "required")
+    account = request.ad_account
+    account_id = _uuid(account.id, "ad_account.id", violations, required=True)
+
+    paths = list(request.update_mask.paths)
+    if not paths:
+        # AIP-134: an empty mask means every mutable field the caller set.
+        paths = [name for name in MUTABLE_FIELDS if _is_set(account, name)]
+        if not paths and request.HasField("ad_account"):
+            violations.add(
+                "update_mask",
+                "nothing to update: set update_mask or at least one of " + ", ".join(MUTABLE_FIELDS),
+            )
+    elif "*" in paths:
+        if paths != ["*"]:
+            violations.add("update_mask.paths", '"*" must be the only path')
+        paths = list(MUTABLE_FIELDS)
+
+    changes: dict[str, object] = {}
+    for index, path in enumerate(dict.fromkeys(paths)):
+        where = f"ad_account.{path}"
+        if path == "name":
+            changes[path] = _name(account.name, where, violations)
+        elif path == "currency_code":
+            changes[path] = _currency_code(account.currency_code, where, violations)
+        elif path == "time_zone":
+            changes[path] = _time_zone(account.time_zone, where, violations)
+        elif path == "status":
+            changes[path] = _status(account.status, where, violations, required=True)
+        elif path in IMMUTABLE_FIELDS:
+            violations.add(f"update_mask.paths[{index}]", f"{path} cannot be changed after creation")
+        elif path in OUTPUT_ONLY_FIELDS or path == "*":
+            violations.add(f"update_mask.paths[{index}]", f"{path} is output only")
+        else:
+            violations.add(
+                f"update_mask.paths[{index}]",
+                f"unknown field {path[:64]!r}; use {', '.join(MUTABLE_FIELDS)} or *",
+            )
+    violations.raise_if_any()
+    assert account_id is not None
+    return Update(id=account_id, etag=account.etag, changes=changes)
+
+
+def _is_set(account: pb.AdAccount, name: str) -> bool:
+    value = getattr(account, name)
+    return bool(value)
+
+
+MAX_BATCH = 1000
+
+
+def parse_batch_ids(ids: list[str]) -> list[uuid.UUID]:
+    violations = Violations()
+    if len(ids) > MAX_BATCH:
+        violations.add("ids", f"at most {MAX_BATCH} ids per call (got {len(ids)})")
+        violations.raise_if_any()
+    parsed = [_uuid(value, f"ids[{i}]", violations, required=True) for i, value in enumerate(ids)]
+    violations.raise_if_any()
+    return parsed  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ListFilters:
+    owner_id: uuid.UUID | None
+    platforms: tuple[models.Platform, ...]
+    statuses: tuple[models.Status, ...]
+    order_by: str
+
+    def fingerprint(self) -> str:
+        """Canonical text of the filters and order: what a page token is bound to."""
+        return "|".join(
+            [
+                str(self.owner_id or ""),
+                ",".join(sorted(p.value for p in self.platforms)),
+                ",".join(sorted(s.value for s in self.statuses)),
+                self.order_by,
+            ]
+        )
+
+
+ORDERS = ("create_time", "create_time desc", "update_time desc", "name", "name desc")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def parse_list(request: pb.ListAdAccountsRequest) -> tuple[ListFilters, int]:
+    """The filters and order of a List call, and its effective page size."""
+    violations = Violations()
+    if request.page_size < 0:
+        violations.add("page_size", "must not be negative")
+    page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    owner_id = _uuid(request.owner_id, "owner_id", violations, required=False)
+    platforms = [_platform(p, f"platforms[{i}]", violations) for i, p in enumerate(request.platforms)]
+    statuses = [_status(s, f"statuses[{i}]", violations, required=True) for i, s in enumerate(request.statuses)]
+    order_by = " ".join(request.order_by.lower().split()) or "create_time"
+    if order_by not in ORDERS:
+        violations.add("order_by", "must be one of: " + ", ".join(repr(o) for o in ORDERS))
+    violations.raise_if_any()
+    filters = ListFilters(
+        owner_id=owner_id,
+        platforms=tuple(dict.fromkeys(platforms)),  # type: ignore[arg-type]
+        statuses=tuple(dict.fromkeys(statuses)),  # type: ignore[arg-type]
+        order_by=order_by,
+    )
+    return filters, page_size
+
+
+# --- rows to messages ----------------------------------------------------------------------
+
+
+def etag_of(row: models.AdAccount) -> str:
+    return str(row.version)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def to_proto(row: models.AdAccount) -> pb.AdAccount:
+    message = pb.AdAccount(
+        id=str(row.id),
+        owner_id=str(row.owner_id),
+        platform=_PLATFORM_OUT[row.platform],
+        external_id=row.external_id,
+        name=row.name,
+        currency_code=row.currency_code,
+        time_zone=row.time_zone,
+        status=_STATUS_OUT[row.status],
+        etag=etag_of(row),
+    )
+    message.create_time.FromDatetime(as_utc(row.create_time))
+    message.update_time.FromDatetime(as_utc(row.update_time))
+    return message

@@ -1,0 +1,110 @@
+"""The one mapping from what went wrong to what the caller sees.
+
+Domain errors carry a message written for callers. Everything else (driver,
+SQL, bugs) is translated here: the caller gets a status and a generic sentence,
+the detail goes to the server log only, under an error id quoted to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from sqlalchemy import exc as sa_exc
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL's SQLSTATE for a statement cancelled by statement_timeout or a cancel request.
+QUERY_CANCELED = "57014"
+
+
+class ServiceError(Exception):
+    """An error whose message is safe and useful to show the caller."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Iterable[FieldViolation]) -> None:
+        self.violations = list(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Aborted(ServiceError):
+    """The resource changed since the caller read it (stale etag)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(ServiceError):
+    """Transient: the call changed nothing and may be retried."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def to_status(error: BaseException) -> grpc.Status:
+    """The gRPC status (with google.rpc details) a caller gets for `error`."""
+    error = _translate(error)
+    status = status_pb2.Status(code=error.code.value[0], message=str(error))
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+def _translate(error: BaseException) -> ServiceError:
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, sa_exc.TimeoutError):
+        # QueuePool's "QueuePool limit ... reached": every connection is busy.
+        return Unavailable("the database is busy: no connection became free in time; retry later")
+    if isinstance(error, sa_exc.DBAPIError):
+        if getattr(error.orig, "pgcode", None) == QUERY_CANCELED:
+            return DeadlineExceeded("the database did not answer before the deadline")
+        if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
+            log.warning("database unavailable: %s", _first_line(error.orig))
+            return Unavailable("the database is unavailable; retry later")
+    error_id = uuid.uuid4().hex[:16]
+    log.error("unexpected error, error id %s", error_id, exc_info=error)
+    return ServiceError(f"internal error (error id {error_id})")
+
+
+def _first_line(error: object) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,183 @@
+"""The AdAccountService servicer: thin handlers over convert and the repository.
+
+The server runs on grpc.aio so that health probes and reflection are answered
+on the event loop and never wait behind database work. Database work runs in a
+bounded pool of worker threads (GRPC_THREADS); each handler hands one function
+to that pool and maps whatever it raises to a status in one place (errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from google.protobuf import empty_pb2, message, message_factory
+
+from . import convert, errors
+from .page_tokens import PageTokens
+from .repository import AdAccountRepository
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
+
+Result = TypeVar("Result")
+
+
+class AdAccountService:
+    def __init__(self, repository: AdAccountRepository, executor: Executor, page_tokens: PageTokens) -> None:
+        self._repository = repository
+        self._executor = executor
+        self._page_tokens = page_tokens
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- RPCs: each runs one function on a worker thread -----------------------------------
+
+    async def GetAdAccount(self, request: pb.GetAdAccountRequest, context: grpc.aio.ServicerContext) -> pb.AdAccount:
+        return await self._run(context, self._get, request)
+
+    async def BatchGetAdAccounts(
+        self, request: pb.BatchGetAdAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchGetAdAccountsResponse:
+        return await self._run(context, self._batch_get, request)
+
+    async def ListAdAccounts(
+        self, request: pb.ListAdAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdAccountsResponse:
+        return await self._run(context, self._list, request)
+
+    async def CreateAdAccount(
+        self, request: pb.CreateAdAccountRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdAccount:
+        return await self._run(context, self._create, request)
+
+    async def UpdateAdAccount(
+        self, request: pb.UpdateAdAccountRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdAccount:
+        return await self._run(context, self._update, request)
+
+    async def DeleteAdAccount(
+        self, request: pb.DeleteAdAccountRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        return await self._run(context, self._delete, request)
+
+    # --- the work, on a worker thread ------------------------------------------------------
+
+    def _get(self, request: pb.GetAdAccountRequest) -> pb.AdAccount:
+        return convert.to_proto(self._repository.get(convert.parse_id(request.id, "id")))
+
+    def _batch_get(self, request: pb.BatchGetAdAccountsRequest) -> pb.BatchGetAdAccountsResponse:
+        rows = self._repository.batch_get(convert.parse_batch_ids(list(request.ids)))
+        return pb.BatchGetAdAccountsResponse(ad_accounts=[convert.to_proto(row) for row in rows])
+
+    def _list(self, request: pb.ListAdAccountsRequest) -> pb.ListAdAccountsResponse:
+        filters, page_size = convert.parse_list(request)
+        fingerprint = filters.fingerprint()
+        after = self._page_tokens.read(request.page_token, fingerprint) if request.page_token else None
+        rows, last = self._repository.list(filters, page_size, after)
+        return pb.ListAdAccountsResponse(
+            ad_accounts=[convert.to_proto(row) for row in rows],
+            next_page_token=self._page_tokens.mint(fingerprint, last) if last else "",
+        )
+
+    def _create(self, request: pb.CreateAdAccountRequest) -> pb.AdAccount:
+        new, request_id = convert.parse_create(request)
+        return convert.to_proto(self._repository.create(new, request_id))
+
+    def _update(self, request: pb.UpdateAdAccountRequest) -> pb.AdAccount:
+        return convert.to_proto(self._repository.update(convert.parse_update(request)))
+
+    def _delete(self, request: pb.DeleteAdAccountRequest) -> empty_pb2.Empty:
+        self._repository.delete(convert.parse_id(request.id, "id"), request.etag)
+        return empty_pb2.Empty()
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _run(
+        self, context: grpc.aio.ServicerContext, work: Callable[[Any], Result], request: message.Message
+    ) -> Result:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            if isinstance(request, MalformedRequest):
+                raise errors.InvalidArgument.field("", request.description)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, _before_deadline, deadline, work, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            await context.abort_with_status(errors.to_status(error))
+            raise  # abort_with_status always raises; this keeps type checkers informed
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def start_draining(self) -> None:
+        """From now on new calls get UNAVAILABLE; calls already in progress carry on."""
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in progress; False if some still are after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+
+def _before_deadline(deadline: float | None, work: Callable[[Any], Result], request: Any) -> Result:
+    """Skip work whose caller has already given up while it queued for a thread."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise errors.DeadlineExceeded("the deadline passed before the call could start")
+    return work(request)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes are not a valid message, so the handler
+    answers INVALID_ARGUMENT instead of gRPC's own INTERNAL "Exception deserializing request"."""
+
+    def __init__(self, type_name: str) -> None:
+        self.description = f"the request is not a valid {type_name} message"
+
+
+def _tolerant_parser(message_class: type[message.Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except message.DecodeError:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def rpc_handlers(servicer: AdAccountService) -> grpc.GenericRpcHandler:
+    """The service's method handlers, built from the proto descriptor.
+
+    Same as the generated add_AdAccountServiceServicer_to_server, except that
+    a request that does not parse reaches the handler (as MalformedRequest).
+    """
+    service = pb.DESCRIPTOR.services_by_name["AdAccountService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_parser(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=lambda response: response.SerializeToString(),
+        )
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

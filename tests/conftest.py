@@ -1,0 +1,134 @@
+"""Fixtures: a fresh PostgreSQL database per run, built by the Alembic migrations,
+and a real server on a free port with real stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import psycopg2
+import pytest
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from adaccounts_server.app import App
+from adaccounts_server.config import Settings, load_settings
+from adaccounts_server.db import upgrade_to_head
+from sqlalchemy.engine import URL, make_url
+
+# The PostgreSQL this machine runs (trust auth); override to use another.
+ADMIN_URL = os.environ.get("ADACCOUNTS_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PAGE_TOKEN_SECRET = "tests-page-token-secret-0123456789"
+
+
+def test_settings(database_url: URL | str, **overrides: object) -> Settings:
+    """Settings for a server on a free loopback port, ignoring any .env file."""
+    values: dict[str, object] = {
+        "DATABASE_URL": str(database_url) if isinstance(database_url, str) else database_url.render_as_string(False),
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": 0,
+        "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+        "HEALTH_CHECK_INTERVAL_S": 0.2,
+        "HEALTH_CHECK_TIMEOUT_S": 1.0,
+        "SHUTDOWN_GRACE_S": 5.0,
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+class RunningServer:
+    """An App serving on its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = App(settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server", daemon=True)
+        self._thread.start()
+        self.port = self._call(self.app.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    def _call(self, coroutine, timeout: float = 30):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self._call(self.app.stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+
+def create_database(admin_url: str, name: str) -> URL:
+    connection = psycopg2.connect(admin_url)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    connection.close()
+    return make_url(admin_url).set(drivername="postgresql+psycopg2", database=name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    connection = psycopg2.connect(admin_url)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[URL]:
+    """A fresh database on the shared PostgreSQL, at the current schema via Alembic."""
+    name = f"adaccounts_test_{uuid.uuid4().hex[:12]}"
+    url = create_database(ADMIN_URL, name)
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        drop_database(ADMIN_URL, name)
+
+
+@pytest.fixture(scope="session")
+def server(database_url: URL) -> Iterator[RunningServer]:
+    running = RunningServer(test_settings(database_url))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def clean_db(database_url: URL) -> None:
+    connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
+    with connection, connection.cursor() as cursor:
+        cursor.execute("TRUNCATE ad_accounts")
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def channel(server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel, clean_db: None) -> pb_grpc.AdAccountServiceStub:
+    """A stub on an empty table."""
+    return pb_grpc.AdAccountServiceStub(channel)
+
+
+def new_account(**fields: object) -> pb.AdAccount:
+    """A valid account to create; fields override the defaults."""
+    values: dict[str, object] = {
+        "owner_id": str(uuid.uuid4()),
+        "platform": pb.PLATFORM_META,
+        "external_id": f"act_{uuid.uuid4().hex[:10]}",
+        "name": "Acme EU",
+        "currency_code": "EUR",
+        "time_zone": "Europe/Paris",
+    }
+    values.update(fields)
+    return pb.AdAccount(**values)
