@@ -67,6 +67,10 @@ class Settings(BaseSettings):
             raise ValueError(f"DATABASE_URL: not a database URL ({type(exc).__name__})") from None
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError(f"DATABASE_URL: unsupported database {url.get_backend_name()!r} (postgresql or sqlite)")
+        try:  # fail here, in one line, rather than with a traceback at the first connection
+            url.get_dialect().import_dbapi()
+        except Exception:  # ImportError, or NoSuchModuleError for an unknown driver
+            raise ValueError(f"DATABASE_URL: driver {url.drivername!r} is not installed") from None
         secret = self.PAGE_TOKEN_SECRET
         if secret is None and not self.uses_embedded_database:
             raise ValueError("PAGE_TOKEN_SECRET: required when a database is configured (same value on every replica)")
@@ -82,7 +86,10 @@ class Settings(BaseSettings):
     def database_url(self) -> URL:
         """DATABASE_URL, else the POSTGRES_* parts, else the embedded SQLite file."""
         if self.DATABASE_URL is not None:
-            return make_url(self.DATABASE_URL.get_secret_value())
+            url = make_url(self.DATABASE_URL.get_secret_value())
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is
+            # not installed; psycopg2 is the driver this service ships with.
+            return url.set(drivername="postgresql+psycopg2") if url.drivername == "postgresql" else url
         if self.POSTGRES_SERVER is not None:
             return URL.create(
                 "postgresql+psycopg2",
