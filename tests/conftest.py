@@ -40,6 +40,9 @@ def test_settings(database_url: URL | str, **overrides: object) -> Settings:
     return load_settings(**values)
 
 
+test_settings.__test__ = False  # a helper, not a test, whatever its name
+
+
 class RunningServer:
     """An App serving on its own event loop in a background thread."""
 
