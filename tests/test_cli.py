@@ -1,0 +1,400 @@
+"""The `adaccounts` console script, run for real in subprocesses: serve, check,
+migrate, invalid settings, and no password in anything it prints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psycopg2
+import pytest
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from adaccounts_server.db import upgrade_to_head
+from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_database, new_account
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+# The console script installed next to this interpreter (`pip install -e .[test]`).
+ADACCOUNTS = shutil.which("adaccounts", path=str(Path(sys.executable).parent)) or shutil.which("adaccounts")
+TIMEOUT_S = 15.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+HEAD_REVISION = "0001"
+# Settings the machine running the tests may have; every subprocess starts without them.
+SETTING_PREFIXES = (
+    "DATABASE_URL",
+    "POSTGRES_",
+    "GRPC_",
+    "DB_",
+    "HEALTH_",
+    "SHUTDOWN_",
+    "PAGE_TOKEN_SECRET",
+    "LOG_LEVEL",
+)
+# Reconnect quickly while polling a server that is still starting.
+FAST_RECONNECT = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _console_script() -> None:
+    if ADACCOUNTS is None:
+        pytest.fail("the `adaccounts` console script is not installed: run `pip install -e '.[test]'`")
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.upper().startswith(SETTING_PREFIXES)}
+    env.update(settings)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(cwd: Path, *args: str, timeout: float = TIMEOUT_S, **settings: str) -> subprocess.CompletedProcess[str]:
+    assert ADACCOUNTS is not None
+    return subprocess.run(
+        [ADACCOUNTS, *args], cwd=cwd, env=clean_env(**settings), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def pg_url(database: str, password: str | None = None) -> str:
+    """A bare postgresql:// URL (as operators write it) to a database on the test server."""
+    url = make_url(ADMIN_URL).set(drivername="postgresql", database=database)
+    if password is not None:
+        url = url.set(password=password)
+    return url.render_as_string(hide_password=False)
+
+
+def tables(database: str) -> set[str]:
+    connection = psycopg2.connect(pg_url(database))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            return {name for (name,) in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def empty_db() -> Iterator[str]:
+    """The name of a new, empty database (no migrations) on the shared PostgreSQL."""
+    name = f"adaccounts_cli_{uuid.uuid4().hex[:12]}"
+    create_database(ADMIN_URL, name)
+    try:
+        yield name
+    finally:
+        drop_database(ADMIN_URL, name)
+
+
+@pytest.fixture
+def migrated_db(empty_db: str) -> str:
+    upgrade_to_head(make_url(pg_url(empty_db)).set(drivername="postgresql+psycopg2"))
+    return empty_db
+
+
+@dataclass
+class Served:
+    """`adaccounts serve` in a subprocess, its output in files (never a full pipe)."""
+
+    process: subprocess.Popen[bytes]
+    target: str
+    stdout: Path
+    stderr: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout.read_text() + self.stderr.read_text()
+
+    def wait_serving(self, service: str = "", timeout: float = TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        request = health_pb2.HealthCheckRequest(service=service)
+        with grpc.insecure_channel(self.target, options=FAST_RECONNECT) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    pytest.fail(f"serve exited with {self.process.returncode} before SERVING:\n{self.output}")
+                try:
+                    if health.Check(request, timeout=0.5).status == SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        pytest.fail(f"{service!r} not SERVING on {self.target} within {timeout:g} s:\n{self.output}")
+
+    def terminate(self, timeout: float = TIMEOUT_S) -> int:
+        """SIGTERM, then the exit code (killed and failed if it does not exit in time)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"serve did not exit within {timeout:g} s of SIGTERM:\n{self.output}")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """Start `adaccounts serve --host 127.0.0.1 --port <free>` in tmp_path with the given settings."""
+    started: list[Served] = []
+
+    def start(*args: str, **settings: str) -> Served:
+        assert ADACCOUNTS is not None
+        port = free_port()
+        n = len(started)
+        stdout, stderr = tmp_path / f"serve{n}.out", tmp_path / f"serve{n}.err"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            process = subprocess.Popen(
+                [ADACCOUNTS, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+                cwd=tmp_path,
+                env=clean_env(**settings),
+                stdout=out,
+                stderr=err,
+            )
+        served = Served(process, f"127.0.0.1:{port}", stdout, stderr)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+# --- serve: zero setup ---------------------------------------------------------------------
+
+
+def test_serve_with_no_configuration_uses_a_migrated_sqlite_file(serve, tmp_path: Path) -> None:
+    server = serve()
+    server.wait_serving()
+
+    database = tmp_path / "adaccounts.db"
+    assert database.is_file(), "serve did not create adaccounts.db in its working directory"
+    with sqlite3.connect(database) as connection:
+        names = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"ad_accounts", "alembic_version"} <= names
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD_REVISION,)]
+
+    check = run(tmp_path, "check", "--target", server.target)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert lines(check.stdout) == [f"{server.target} '': SERVING"]
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        created = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
+        assert created.id
+        assert stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id), timeout=5) == created
+
+    started = time.monotonic()
+    assert server.terminate() == 0, server.output
+    assert time.monotonic() - started < 5, "SIGTERM took too long"
+    assert "Traceback" not in server.output
+
+
+def test_serve_on_a_port_already_taken_exits_1(serve, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(tmp_path, "serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+def test_check_with_nothing_listening_exits_1_with_one_line(tmp_path: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    result = run(tmp_path, "check", "--target", target, "--timeout", "2")
+    assert result.returncode == 1
+    output = lines(result.stdout + result.stderr)
+    assert len(output) == 1, output
+    assert output[0].startswith(f"{target} '': UNAVAILABLE")
+
+
+def test_check_without_target_asks_localhost_on_grpc_port(tmp_path: Path) -> None:
+    port = free_port()
+    result = run(tmp_path, "check", "--timeout", "2", GRPC_PORT=str(port))
+    assert result.returncode == 1
+    assert lines(result.stdout + result.stderr)[0].startswith(f"localhost:{port} ''")
+
+
+def test_check_services(serve, tmp_path: Path) -> None:
+    server = serve()
+    server.wait_serving()
+
+    liveness = run(tmp_path, "check", "--target", server.target, "--service", "liveness")
+    assert liveness.returncode == 0, liveness.stdout + liveness.stderr
+    assert lines(liveness.stdout) == [f"{server.target} 'liveness': SERVING"]
+
+    for service in ("readiness", "adaccounts.v1.AdAccountService"):
+        ready = run(tmp_path, "check", "--target", server.target, "--service", service)
+        assert ready.returncode == 0, ready.stdout + ready.stderr
+
+    unknown = run(tmp_path, "check", "--target", server.target, "--service", "nonexistent")
+    assert unknown.returncode == 1
+    assert lines(unknown.stdout + unknown.stderr) == [f"{server.target} 'nonexistent': NOT_FOUND"]
+
+    assert server.terminate() == 0, server.output
+
+
+# --- invalid settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "settings", "named"),
+    [
+        (["serve"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
+        (["serve"], {"GRPC_THREADS": "0"}, "GRPC_THREADS"),
+        (["serve", "--threads", "0"], {}, "GRPC_THREADS"),
+        (["serve"], {"DATABASE_URL": "postgresql://app:Pa55word1234@127.0.0.1/x"}, "PAGE_TOKEN_SECRET"),
+        (["serve"], {"DATABASE_URL": "postgresql://x", "PAGE_TOKEN_SECRET": "short"}, "PAGE_TOKEN_SECRET"),
+        (["serve"], {"DATABASE_URL": "mysql://x", "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET}, "DATABASE_URL"),
+        (["serve"], {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        (["migrate"], {"DATABASE_URL": "mysql://app:Pa55word1234@x/y"}, "DATABASE_URL"),
+        (["migrate"], {"DATABASE_URL": "postgresql://x"}, "PAGE_TOKEN_SECRET"),
+        (["check"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
+    ],
+    ids=[
+        "port_abc",
+        "threads_0",
+        "threads_flag_0",
+        "no_secret",
+        "short_secret",
+        "mysql",
+        "log_level",
+        "migrate_mysql",
+        "migrate_no_secret",
+        "check_port_abc",
+    ],
+)
+def test_invalid_setting_exits_2_with_one_line_naming_it(
+    tmp_path: Path, args: list[str], settings: dict[str, str], named: str
+) -> None:
+    result = run(tmp_path, *args, **settings)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert lines(result.stderr) == [result.stderr.strip()], result.stderr
+    assert named in result.stderr
+    assert result.stderr.startswith(f"adaccounts: invalid setting {named}:")
+    assert "Traceback" not in result.stderr
+    assert "Pa55word1234" not in result.stdout + result.stderr
+    assert not (tmp_path / "adaccounts.db").exists(), "an invalid setting must stop before touching a database"
+
+
+# --- migrate -------------------------------------------------------------------------------
+
+
+def test_migrate_a_new_postgresql_database_then_again(tmp_path: Path, empty_db: str) -> None:
+    password = "M1grateS3cret"  # trust auth: any password is accepted, and must never be printed
+    settings = {"DATABASE_URL": pg_url(empty_db, password), "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET}
+
+    first = run(tmp_path, "migrate", **settings)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert {"ad_accounts", "alembic_version"} <= tables(empty_db)
+    connection = psycopg2.connect(pg_url(empty_db))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT version_num FROM alembic_version")
+            assert cursor.fetchall() == [(HEAD_REVISION,)]
+    finally:
+        connection.close()
+
+    again = run(tmp_path, "migrate", **settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "current schema" in again.stdout
+    assert "Running upgrade" not in again.stderr  # nothing left to apply
+
+    for result in (first, again):
+        assert password not in result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_migrate_an_unreachable_database_fails_in_one_line_without_the_password(tmp_path: Path) -> None:
+    url = f"postgresql://u:s3cr3tpass@127.0.0.1:{free_port()}/x"
+    result = run(tmp_path, "migrate", DATABASE_URL=url, PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "s3cr3tpass" not in output
+    assert "Traceback" not in output
+    failure = [line for line in lines(output) if "adaccounts" in line]
+    assert len(failure) == 1, output
+    assert "failed" in failure[0]
+    assert not (tmp_path / "adaccounts.db").exists()
+
+
+# --- serve against PostgreSQL --------------------------------------------------------------
+
+
+def test_serve_never_runs_ddl_on_postgresql(serve, tmp_path: Path, empty_db: str) -> None:
+    server = serve(DATABASE_URL=pg_url(empty_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
+    # Liveness answers once the server listens, i.e. after start-up, where SQLite is migrated.
+    # (Readiness is SERVING too here: it only asks `SELECT 1` of the database, not for the schema.)
+    server.wait_serving("liveness")
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+        # No table: this fails (how is not asserted here) but must not create one either.
+        pb_grpc.AdAccountServiceStub(channel).GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=5)
+    time.sleep(1.0)
+    assert server.process.poll() is None, f"serve stopped:\n{server.output}"
+    assert tables(empty_db) == set(), "serve must never create tables on PostgreSQL (run `adaccounts migrate`)"
+    assert not (tmp_path / "adaccounts.db").exists()
+    assert server.terminate() == 0, server.output
+
+
+def test_serve_never_prints_the_database_password(serve, migrated_db: str) -> None:
+    password = "Sup3rS3cret"  # trust auth: any password is accepted
+    server = serve(DATABASE_URL=pg_url(migrated_db, password), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET, LOG_LEVEL="DEBUG")
+    server.wait_serving()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        created = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
+        assert stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id), timeout=5) == created
+        with pytest.raises(grpc.RpcError):
+            stub.GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=5)
+    assert server.terminate() == 0, server.output
+    output = server.output
+    assert " DEBUG " in output, "LOG_LEVEL=DEBUG was not applied, so this test proves little"
+    assert password not in output
+    assert "postgresql+psycopg2://postgres:***@" in output  # the URL is logged, masked
+
+
+def test_serve_with_the_database_down_is_alive_not_ready_and_never_prints_the_password(serve, tmp_path: Path) -> None:
+    password = "D0wnS3cret"
+    url = f"postgresql://postgres:{password}@127.0.0.1:{free_port()}/x"
+    server = serve(DATABASE_URL=url, PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET, LOG_LEVEL="DEBUG")
+    server.wait_serving("liveness")
+    deadline = time.monotonic() + TIMEOUT_S
+    while "NOT_SERVING" not in server.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    readiness = run(tmp_path, "check", "--target", server.target, "--service", "readiness")
+    assert readiness.returncode == 1, readiness.stdout + readiness.stderr
+    assert lines(readiness.stdout) == [f"{server.target} 'readiness': NOT_SERVING"]
+    assert server.terminate() == 0, server.output
+    output = server.output
+    assert "database unreachable" in output  # the reason is logged ...
+    assert password not in output  # ... without the password
