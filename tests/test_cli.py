@@ -398,3 +398,17 @@ def test_serve_with_the_database_down_is_alive_not_ready_and_never_prints_the_pa
     output = server.output
     assert "database unreachable" in output  # the reason is logged ...
     assert password not in output  # ... without the password
+
+
+def test_migrate_a_database_at_an_unknown_revision_fails_in_one_line(tmp_path: Path, migrated_db: str) -> None:
+    # E.g. a database migrated by a newer release than this one.
+    connection = psycopg2.connect(pg_url(migrated_db))
+    with connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE alembic_version SET version_num = '9999'")
+    connection.close()
+    result = run(tmp_path, "migrate", DATABASE_URL=pg_url(migrated_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    failure = [line for line in lines(result.stdout + result.stderr) if line.startswith("adaccounts migrate:")]
+    assert len(failure) == 1, result.stderr
+    assert "9999" in failure[0]

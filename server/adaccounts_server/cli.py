@@ -69,13 +69,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logging(settings.LOG_LEVEL)
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
     from .db import safe_url, upgrade_to_head
 
     try:
         upgrade_to_head(settings.database_url)
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, CommandError) as error:  # CommandError: e.g. a revision this code does not know
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         print(f"adaccounts migrate: failed on {safe_url(settings.database_url)}: {reason}", file=sys.stderr)
         return EXIT_FAILED
