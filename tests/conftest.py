@@ -17,6 +17,7 @@ from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.app import App
 from adaccounts_server.config import Settings, load_settings
 from adaccounts_server.db import upgrade_to_head
+from pg_instance import ThrowawayPostgres
 from sqlalchemy.engine import URL, make_url
 
 # The PostgreSQL this machine runs (trust auth); override to use another.
@@ -135,3 +136,30 @@ def new_account(**fields: object) -> pb.AdAccount:
     }
     values.update(fields)
     return pb.AdAccount(**values)
+
+
+@pytest.fixture(scope="module")
+def throwaway_pg() -> Iterator[ThrowawayPostgres]:
+    """A private PostgreSQL for one test module (never the shared one), at the current schema via Alembic.
+
+    For tests that stop, stall or restart the database; use it through `pg`.
+    """
+    instance = ThrowawayPostgres()
+    try:
+        instance.start()
+        upgrade_to_head(instance.url)
+        yield instance
+    finally:
+        instance.cleanup()
+
+
+@pytest.fixture
+def pg(throwaway_pg: ThrowawayPostgres) -> Iterator[ThrowawayPostgres]:
+    """The module's throwaway PostgreSQL, running and answering when the test starts and after it ends."""
+    throwaway_pg.resume()
+    if not throwaway_pg.running:
+        throwaway_pg.start()
+    yield throwaway_pg
+    throwaway_pg.resume()
+    if not throwaway_pg.running:
+        throwaway_pg.start()
