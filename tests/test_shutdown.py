@@ -1,0 +1,235 @@
+"""Graceful shutdown: NOT_SERVING, new calls refused, calls in progress finish, then exit.
+
+A call is held in progress by a row lock that a separate connection takes
+(SELECT ... FOR UPDATE in an open transaction), so it is really waiting on the
+database, not on a test double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psycopg2
+import pytest
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from conftest import PAGE_TOKEN_SECRET, RunningServer, new_account, test_settings
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pg_instance import ThrowawayPostgres, free_port, wait_until
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# How long the call in progress stays blocked after the shutdown began: longer
+# than the second gRPC's own stop() is given at the end (app._FINAL_STOP_GRACE_S),
+# shorter than SHUTDOWN_GRACE_S.
+HELD_AFTER_STOP_S = 2.5
+
+
+class Client:
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.accounts = pb_grpc.AdAccountServiceStub(self.channel)
+
+    def status(self, service: str = "") -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def status_or_none(self) -> int | None:
+        try:
+            return self.status()
+        except grpc.RpcError:
+            return None  # not listening yet
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@pytest.fixture
+def client_for() -> Iterator:
+    clients: list[Client] = []
+
+    def connect(target: str) -> Client:
+        clients.append(Client(target))
+        return clients[-1]
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+class RowLock:
+    """Another database client holding one account's row lock in an open transaction."""
+
+    def __init__(self, pg: ThrowawayPostgres, account_id: str) -> None:
+        self._connection = psycopg2.connect(pg.dsn)
+        with self._connection.cursor() as cursor:
+            cursor.execute("SELECT id FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
+            assert cursor.rowcount == 1
+        # pg_stat_activity is a snapshot per transaction: look at it from outside this one.
+        self._observer = psycopg2.connect(pg.dsn)
+        self._observer.autocommit = True
+
+    def server_calls_waiting(self) -> int:
+        """How many of the server's connections wait for a lock right now."""
+        with self._observer.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'adaccounts' AND wait_event_type = 'Lock'"
+            )
+            return cursor.fetchone()[0]
+
+    def release(self) -> None:
+        self._connection.rollback()
+
+    def close(self) -> None:
+        self._connection.close()
+        self._observer.close()
+
+
+@pytest.fixture
+def lock_row(pg: ThrowawayPostgres) -> Iterator:
+    locks: list[RowLock] = []
+
+    def lock(account_id: str) -> RowLock:
+        locks.append(RowLock(pg, account_id))
+        return locks[-1]
+
+    yield lock
+    for held in locks:
+        held.close()
+
+
+def rename(client: Client, account: pb.AdAccount, name: str) -> grpc.Future:
+    """Start an UpdateAdAccount of the name; returns the call's future."""
+    request = pb.UpdateAdAccountRequest(
+        ad_account=pb.AdAccount(id=account.id, name=name), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+    )
+    return client.accounts.UpdateAdAccount.future(request, timeout=30)
+
+
+def hold_for(seconds: float, lock: RowLock, update: grpc.Future, still_running) -> None:  # type: ignore[no-untyped-def]
+    """Keep the call waiting on the lock well past gRPC's own short final grace period,
+    checking all along that it is still in progress and the server has not gone."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert lock.server_calls_waiting() == 1
+        assert not update.done()
+        assert still_running()
+        time.sleep(0.1)
+
+
+def start_blocked_update(client: Client, lock_row, name: str) -> tuple[pb.AdAccount, RowLock, grpc.Future]:
+    """Create an account, lock its row elsewhere, and start an update that waits on that lock."""
+    account = client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+    lock = lock_row(account.id)
+    update = rename(client, account, name)
+    wait_until(lambda: lock.server_calls_waiting() == 1, 10, message="the update to wait on the row lock")
+    assert not update.done()
+    return account, lock, update
+
+
+def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for, lock_row):
+    server = RunningServer(test_settings(pg.url, SHUTDOWN_GRACE_S=15.0))
+    stopping = None
+    try:
+        client = client_for(server.target)
+        wait_until(lambda: client.status() == SERVING, 10, message="SERVING")
+        account, lock, update = start_blocked_update(client, lock_row, "Renamed during shutdown")
+
+        # What the pool still lends out at the moment the engine is disposed.
+        checked_out_at_dispose: list[int] = []
+        dispose = server.app.database.dispose
+
+        def recording_dispose() -> None:
+            checked_out_at_dispose.append(server.app.database.checked_out())
+            dispose()
+
+        server.app.database.dispose = recording_dispose  # type: ignore[method-assign]
+
+        stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+        wait_until(lambda: client.status() == NOT_SERVING, 5, message="NOT_SERVING")
+
+        with pytest.raises(grpc.RpcError) as refused:
+            client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        hold_for(HELD_AFTER_STOP_S, lock, update, lambda: not stopping.done())
+
+        lock.release()
+        renamed = update.result(timeout=10)
+        assert renamed.name == "Renamed during shutdown"
+        assert renamed.etag != account.etag
+        stopping.result(timeout=10)
+        assert checked_out_at_dispose == [0]
+
+        # Stopped for good: the port no longer answers.
+        with pytest.raises(grpc.RpcError) as gone:
+            client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=2)
+        assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if stopping is None:
+            server.stop()
+        else:
+            stopping.result(timeout=30)
+            server._loop.call_soon_threadsafe(server._loop.stop)
+            server._thread.join(10)
+            server._loop.close()
+
+    # The change was committed, not cut short.
+    with psycopg2.connect(pg.dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM ad_accounts WHERE id = %s", (account.id,))
+        assert cursor.fetchone() == ("Renamed during shutdown",)
+    connection.close()
+
+
+def test_sigterm_exits_0_after_the_call_in_progress_completes(pg, client_for, lock_row, tmp_path: Path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg.url.render_as_string(hide_password=False),
+        "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": str(port),
+        "HEALTH_CHECK_INTERVAL_S": "0.2",
+        "SHUTDOWN_GRACE_S": "15",
+    }
+    log = tmp_path / "server.log"
+    executable = Path(sys.executable).with_name("adaccounts")
+    with log.open("w") as output:
+        # cwd: an empty directory, so no stray .env is read.
+        process = subprocess.Popen(
+            [str(executable), "serve"], env=env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        client = client_for(f"127.0.0.1:{port}")
+
+        def serving() -> bool:
+            assert process.poll() is None, f"the server exited early:\n{log.read_text()}"
+            return client.status_or_none() == SERVING
+
+        wait_until(serving, 20, interval=0.1, message="the server to be SERVING")
+        account, lock, update = start_blocked_update(client, lock_row, "Renamed before exit")
+
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: client.status() == NOT_SERVING, 5, message="NOT_SERVING after SIGTERM")
+        with pytest.raises(grpc.RpcError) as refused:
+            client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        hold_for(HELD_AFTER_STOP_S, lock, update, lambda: process.poll() is None)
+
+        lock.release()
+        assert update.result(timeout=10).name == "Renamed before exit"
+        assert process.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
