@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,45 +192,137 @@ def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for,
     connection.close()
 
 
-def test_sigterm_exits_0_after_the_call_in_progress_completes(pg, client_for, lock_row, tmp_path: Path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": pg.url.render_as_string(hide_password=False),
-        "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": str(port),
-        "HEALTH_CHECK_INTERVAL_S": "0.2",
-        "SHUTDOWN_GRACE_S": "15",
-    }
-    log = tmp_path / "server.log"
-    executable = Path(sys.executable).with_name("adaccounts")
-    with log.open("w") as output:
-        # cwd: an empty directory, so no stray .env is read.
-        process = subprocess.Popen(
-            [str(executable), "serve"], env=env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT
-        )
-    try:
-        client = client_for(f"127.0.0.1:{port}")
+class ServerProcess:
+    """`adaccounts serve` (the console script) in a subprocess on the throwaway database."""
 
+    def __init__(self, pg: ThrowawayPostgres, directory: Path, **settings: str) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": pg.url.render_as_string(hide_password=False),
+            "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+            "GRPC_HOST": "127.0.0.1",
+            "GRPC_PORT": str(self.port),
+            "HEALTH_CHECK_INTERVAL_S": "0.2",
+            **settings,
+        }
+        self.log = directory / "server.log"
+        with self.log.open("w") as output:
+            # cwd: an empty directory, so no stray .env is read.
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("adaccounts")), "serve"],
+                env=env,
+                cwd=directory,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_until_serving(self, client: Client) -> None:
         def serving() -> bool:
-            assert process.poll() is None, f"the server exited early:\n{log.read_text()}"
+            assert self.running, f"the server exited early:\n{self.log.read_text()}"
             return client.status_or_none() == SERVING
 
         wait_until(serving, 20, interval=0.1, message="the server to be SERVING")
-        account, lock, update = start_blocked_update(client, lock_row, "Renamed before exit")
 
-        process.send_signal(signal.SIGTERM)
-        wait_until(lambda: client.status() == NOT_SERVING, 5, message="NOT_SERVING after SIGTERM")
-        with pytest.raises(grpc.RpcError) as refused:
-            client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        hold_for(HELD_AFTER_STOP_S, lock, update, lambda: process.poll() is None)
+    def terminate(self) -> float:
+        """Send SIGTERM; returns when it was sent (time.monotonic())."""
+        self.process.send_signal(signal.SIGTERM)
+        return time.monotonic()
 
-        lock.release()
-        assert update.result(timeout=10).name == "Renamed before exit"
-        assert process.wait(timeout=15) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+    def exit_code(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {timeout:g} s later:\n{self.log.read_text()}") from None
+
+    def kill(self) -> None:
+        if self.running:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def spawn_server(pg: ThrowawayPostgres, tmp_path: Path) -> Iterator:
+    spawned: list[ServerProcess] = []
+
+    def spawn(**settings: str) -> ServerProcess:
+        directory = tmp_path / f"server-{len(spawned)}"
+        directory.mkdir()
+        spawned.append(ServerProcess(pg, directory, **settings))
+        return spawned[-1]
+
+    yield spawn
+    pg.resume()
+    for server in spawned:
+        server.kill()
+
+
+def test_sigterm_exits_0_after_the_call_in_progress_completes(spawn_server, client_for, lock_row):
+    server = spawn_server(SHUTDOWN_GRACE_S="15")
+    client = client_for(f"127.0.0.1:{server.port}")
+    server.wait_until_serving(client)
+    account, lock, update = start_blocked_update(client, lock_row, "Renamed before exit")
+
+    server.terminate()
+    wait_until(lambda: client.status() == NOT_SERVING, 5, message="NOT_SERVING after SIGTERM")
+    with pytest.raises(grpc.RpcError) as refused:
+        client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    hold_for(HELD_AFTER_STOP_S, lock, update, lambda: server.running)
+
+    lock.release()
+    assert update.result(timeout=10).name == "Renamed before exit"
+    assert server.exit_code(timeout=15) == 0
+
+
+def test_sigterm_exits_after_the_grace_period_while_a_call_still_waits_on_the_database(
+    pg, spawn_server, client_for, lock_row
+):
+    grace = 1.0
+    server = spawn_server(SHUTDOWN_GRACE_S=str(grace))
+    client = client_for(f"127.0.0.1:{server.port}")
+    server.wait_until_serving(client)
+    account, lock, update = start_blocked_update(client, lock_row, "Renamed too late")
+
+    signalled = server.terminate()
+    # The lock is never released in time: the process must not wait for it.
+    assert server.exit_code(timeout=grace + 5) == 0
+    assert time.monotonic() - signalled >= grace
+    with pytest.raises(grpc.RpcError) as cut_short:
+        update.result(timeout=5)
+    assert cut_short.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # UNAVAILABLE means the call changed nothing: once the lock goes, the update must not land.
+    lock.release()
+    with psycopg2.connect(pg.dsn) as connection, connection.cursor() as cursor:
+        wait_until(lambda: _server_connections(cursor) == 0, 10, message="the server's connections to be gone")
+        cursor.execute("SELECT name FROM ad_accounts WHERE id = %s", (account.id,))
+        assert cursor.fetchone() == (account.name,)
+    connection.close()
+
+
+def test_sigterm_exits_after_the_grace_period_while_the_database_is_stalled(pg, spawn_server, client_for):
+    grace = 1.0
+    server = spawn_server(SHUTDOWN_GRACE_S=str(grace))
+    client = client_for(f"127.0.0.1:{server.port}")
+    server.wait_until_serving(client)
+    client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+
+    pg.pause()
+    stuck = client.accounts.GetAdAccount.future(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=30)
+    wait_until(lambda: client.status() == NOT_SERVING, 8, message="NOT_SERVING while the database is stalled")
+
+    server.terminate()
+    assert server.exit_code(timeout=grace + 5) == 0
+    with pytest.raises(grpc.RpcError) as cut_short:
+        stuck.result(timeout=5)
+    assert cut_short.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _server_connections(cursor) -> int:  # type: ignore[no-untyped-def]
+    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'adaccounts'")
+    return cursor.fetchone()[0]

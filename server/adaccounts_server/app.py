@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 # What stop() leaves to gRPC itself once our own drain is over: long-lived
 # health Watch streams are cancelled, nothing else should still be running.
 _FINAL_STOP_GRACE_S = 1.0
+# How long serve() lets idle worker threads notice the executors shut down.
+_THREAD_EXIT_WAIT_S = 1.0
 
 
 class App:
@@ -117,3 +121,22 @@ class App:
 
 def serve(settings: Settings) -> None:
     asyncio.run(App(settings).run_until_signalled())
+    stuck = _threads_still_running(_THREAD_EXIT_WAIT_S)
+    if stuck:
+        # Threads still blocked in the database after the grace period (waiting
+        # on a row lock, or on a stalled server) would keep the process alive,
+        # since interpreter exit joins every worker thread, and could still
+        # commit work whose caller was already told UNAVAILABLE. Leave now:
+        # PostgreSQL rolls their transactions back when the connections drop.
+        log.warning("exiting with %d thread(s) still waiting on the database", len(stuck))
+        logging.shutdown()
+        os._exit(0)
+
+
+def _threads_still_running(timeout: float) -> list[threading.Thread]:
+    """The non-daemon threads (which interpreter exit would wait for) still alive after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    for thread in others:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in others if t.is_alive()]
