@@ -77,8 +77,10 @@ class App:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError as error:
             raise OSError(f"cannot listen on {address}: {error}") from None
-        await self.server.start()
+        # Publish NOT_SERVING before the port opens: gRPC's health servicer
+        # would otherwise answer SERVING for "" until the first ping.
         await self.monitor.start()
+        await self.server.start()
         log.info(
             "serving adaccounts.v1 on %s:%d (%d worker threads, pool %d+%d)",
             settings.GRPC_HOST,
