@@ -73,11 +73,12 @@ def _migrate(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from .db import safe_url, upgrade_to_head
+    from .errors import first_line
 
     try:
         upgrade_to_head(settings.database_url)
     except (SQLAlchemyError, CommandError) as error:  # CommandError: e.g. a revision this code does not know
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        reason = first_line(getattr(error, "orig", None) or error)
         print(f"adaccounts migrate: failed on {safe_url(settings.database_url)}: {reason}", file=sys.stderr)
         return EXIT_FAILED
     print(f"adaccounts migrate: {safe_url(settings.database_url)} is at the current schema")

@@ -99,12 +99,13 @@ def _translate(error: BaseException) -> ServiceError:
         if getattr(error.orig, "pgcode", None) == QUERY_CANCELED:
             return DeadlineExceeded("the database did not answer before the deadline")
         if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
-            log.warning("database unavailable: %s", _first_line(error.orig))
+            log.warning("database unavailable: %s", first_line(error.orig))
             return Unavailable("the database is unavailable; retry later")
     error_id = uuid.uuid4().hex[:16]
     log.error("unexpected error, error id %s", error_id, exc_info=error)
     return ServiceError(f"internal error (error id {error_id})")
 
 
-def _first_line(error: object) -> str:
+def first_line(error: object) -> str:
+    """The gist of a driver error for a log line: its first line, or its type."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from .db import Database
+from .errors import first_line
 from .service import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,7 @@ class DatabaseMonitor:
             return  # keep waiting on the same ping next time
         except Exception as error:
             self._ping = None
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            await self._publish(NOT_SERVING, f"database unreachable: {reason}")
+            await self._publish(NOT_SERVING, f"database unreachable: {first_line(error)}")
             return
         self._ping = None
         await self._publish(SERVING, "database reachable")
