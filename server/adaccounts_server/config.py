@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import cached_property
 from typing import Annotated
 
@@ -38,6 +39,19 @@ class Settings(BaseSettings):
     POSTGRES_PASSWORD: SecretStr = SecretStr("")
     POSTGRES_DB: str = "app"
 
+    # `adaccounts migrate` only: a role allowed to run DDL (the server's own
+    # role needs only DML). Unset: migrate uses the server's database URL.
+    MIGRATION_DATABASE_URL: SecretStr | None = None
+    # Each migration statement waits at most this long for a lock on a table in
+    # use, then the migration fails (exit 3) instead of queueing traffic behind it.
+    MIGRATION_LOCK_TIMEOUT_S: Seconds = 5.0
+    # Each migration statement may run at most this long (index builds that use
+    # CONCURRENTLY, which block no reads or writes, are exempt).
+    MIGRATION_STATEMENT_TIMEOUT_S: Seconds = 60.0
+    # How long a migrate waits for another one already running on the same
+    # database (a PostgreSQL advisory lock serialises them).
+    MIGRATION_WAIT_S: Seconds = 600.0
+
     GRPC_HOST: str = "0.0.0.0"
     GRPC_PORT: Annotated[int, Field(ge=0, lt=65536)] = 50051
     # Threads that run database work. Each holds at most one connection, so the
@@ -61,16 +75,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if logging.getLevelName(self.LOG_LEVEL.upper()) not in range(0, 51):
             raise ValueError(f"LOG_LEVEL: unknown level {self.LOG_LEVEL!r} (use DEBUG, INFO, WARNING, ERROR)")
-        try:
-            url = self.database_url
-        except Exception as exc:  # make_url's errors are ArgumentError/ValueError
-            raise ValueError(f"DATABASE_URL: not a database URL ({type(exc).__name__})") from None
-        if url.get_backend_name() not in ("postgresql", "sqlite"):
-            raise ValueError(f"DATABASE_URL: unsupported database {url.get_backend_name()!r} (postgresql or sqlite)")
-        try:  # fail here, in one line, rather than with a traceback at the first connection
-            url.get_dialect().import_dbapi()
-        except Exception:  # ImportError, or NoSuchModuleError for an unknown driver
-            raise ValueError(f"DATABASE_URL: driver {url.drivername!r} is not installed") from None
+        _check_url("DATABASE_URL", lambda: self.database_url)
+        if self.MIGRATION_DATABASE_URL is not None:
+            _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
         secret = self.PAGE_TOKEN_SECRET
         if secret is None and not self.uses_embedded_database:
             raise ValueError("PAGE_TOKEN_SECRET: required when a database is configured (same value on every replica)")
@@ -86,10 +93,7 @@ class Settings(BaseSettings):
     def database_url(self) -> URL:
         """DATABASE_URL, else the POSTGRES_* parts, else the embedded SQLite file."""
         if self.DATABASE_URL is not None:
-            url = make_url(self.DATABASE_URL.get_secret_value())
-            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is
-            # not installed; psycopg2 is the driver this service ships with.
-            return url.set(drivername="postgresql+psycopg2") if url.drivername == "postgresql" else url
+            return _psycopg2(make_url(self.DATABASE_URL.get_secret_value()))
         if self.POSTGRES_SERVER is not None:
             return URL.create(
                 "postgresql+psycopg2",
@@ -101,6 +105,13 @@ class Settings(BaseSettings):
             )
         return make_url(EMBEDDED_DATABASE_URL)
 
+    @cached_property
+    def migration_database_url(self) -> URL:
+        """Where `adaccounts migrate` connects: MIGRATION_DATABASE_URL, else the server's own URL."""
+        if self.MIGRATION_DATABASE_URL is not None:
+            return _psycopg2(make_url(self.MIGRATION_DATABASE_URL.get_secret_value()))
+        return self.database_url
+
     @property
     def pool_size(self) -> int:
         return self.DB_POOL_SIZE or self.GRPC_THREADS
@@ -109,6 +120,25 @@ class Settings(BaseSettings):
     def page_token_key(self) -> bytes:
         secret = self.PAGE_TOKEN_SECRET
         return (secret.get_secret_value() if secret else DEVELOPMENT_PAGE_TOKEN_SECRET).encode()
+
+
+def _psycopg2(url: URL) -> URL:
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is not
+    # installed; psycopg2 is the driver this service ships with.
+    return url.set(drivername="postgresql+psycopg2") if url.drivername == "postgresql" else url
+
+
+def _check_url(name: str, get_url: Callable[[], URL]) -> None:
+    try:
+        url = get_url()
+    except Exception as exc:  # make_url's errors are ArgumentError/ValueError
+        raise ValueError(f"{name}: not a database URL ({type(exc).__name__})") from None
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ValueError(f"{name}: unsupported database {url.get_backend_name()!r} (postgresql or sqlite)")
+    try:  # fail here, in one line, rather than with a traceback at the first connection
+        url.get_dialect().import_dbapi()
+    except Exception:  # ImportError, or NoSuchModuleError for an unknown driver
+        raise ValueError(f"{name}: driver {url.drivername!r} is not installed") from None
 
 
 def load_settings(**overrides: object) -> Settings:
