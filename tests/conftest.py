@@ -16,7 +16,7 @@ from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.app import App
 from adaccounts_server.config import Settings, load_settings
-from adaccounts_server.db import upgrade_to_head
+from adaccounts_server.migrate import upgrade_to_head
 from pg_instance import ThrowawayPostgres
 from sqlalchemy.engine import URL, make_url
 

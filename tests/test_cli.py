@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from adaccounts_server.db import upgrade_to_head
+from adaccounts_server.migrate import upgrade_to_head
 from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_database, new_account
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url

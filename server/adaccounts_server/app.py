@@ -15,8 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import Settings
-from .db import Database, safe_url, upgrade_to_head
+from .db import Database, safe_url
 from .health import DatabaseMonitor
+from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 from .service import SERVICE_NAME, AdAccountService, rpc_handlers

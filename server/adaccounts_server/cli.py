@@ -1,7 +1,9 @@
 """`adaccounts`: serve, migrate, check.
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, probe not
-SERVING, port taken); 2 bad usage or an invalid setting.
+SERVING, port taken, a migration failed); 2 bad usage or an invalid setting;
+3 (migrate) timed out on a lock or a statement: the failing revision was not
+applied, and a retry is safe.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BUSY = 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +26,22 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, help="port to listen on, 0 for any free one (GRPC_PORT)")
     serve.add_argument("--threads", type=int, help="worker threads for database work (GRPC_THREADS)")
 
-    commands.add_parser("migrate", help="upgrade the database to the current schema (alembic upgrade head)")
+    migrate = commands.add_parser(
+        "migrate",
+        help="upgrade the database to the current schema (alembic upgrade head)",
+        description="Apply every migration not yet applied, one at a time per database "
+        "(MIGRATION_DATABASE_URL, else DATABASE_URL). Exit 0 applied or already current; "
+        "1 failed; 2 invalid setting; 3 timed out on a lock or statement (retry).",
+    )
+    migrate.add_argument(
+        "--sql", action="store_true", help="print the SQL instead of running it (offline: no database connection)"
+    )
+    migrate.add_argument(
+        "--from",
+        dest="since",
+        metavar="REVISION",
+        help="with --sql: only the revisions after this one (default: from an empty database)",
+    )
 
     check = commands.add_parser("check", help="ask a server's grpc.health.v1 service; exit 0 when SERVING")
     check.add_argument("--target", help="host:port of the server (default: localhost:GRPC_PORT)")
@@ -68,20 +86,37 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     settings = _settings()
+    if args.since and not args.sql:
+        print("adaccounts migrate: --from only goes with --sql", file=sys.stderr)
+        return EXIT_USAGE
     _configure_logging(settings.LOG_LEVEL)
-    from alembic.util import CommandError
-    from sqlalchemy.exc import SQLAlchemyError
+    from .db import safe_url
+    from .migrate import MigrationError, MigrationOptions, is_known, revisions, upgrade_sql, upgrade_to_head
 
-    from .db import safe_url, upgrade_to_head
-    from .errors import first_line
+    if args.since and not is_known(args.since):
+        print(f"adaccounts migrate: --from {args.since}: no such revision ({', '.join(revisions())})", file=sys.stderr)
+        return EXIT_USAGE
 
+    url = settings.migration_database_url
+    password = url.password
+    options = MigrationOptions.from_settings(settings)
     try:
-        upgrade_to_head(settings.database_url)
-    except (SQLAlchemyError, CommandError) as error:  # CommandError: e.g. a revision this code does not know
-        reason = first_line(getattr(error, "orig", None) or error)
-        print(f"adaccounts migrate: failed on {safe_url(settings.database_url)}: {reason}", file=sys.stderr)
+        if args.sql:
+            sys.stdout.write(upgrade_sql(url, options, args.since))
+            return 0
+        run = upgrade_to_head(url, options)
+    except MigrationError as error:
+        reason = str(error)
+        if password:  # never, but never print it even if a driver message quoted it
+            reason = reason.replace(str(password), "***")
+        print(f"adaccounts migrate: failed on {safe_url(url)}: {reason}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"adaccounts migrate: interrupted on {safe_url(url)}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"adaccounts migrate: {safe_url(settings.database_url)} is at the current schema")
+    at = ", ".join(run.after) or "none"
+    done = f"applied {', '.join(run.applied)}" if run.applied else "nothing to apply"
+    print(f"adaccounts migrate: {safe_url(url)} is at the current schema ({at}); {done}")
     return 0
 
 

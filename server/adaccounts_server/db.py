@@ -10,10 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,8 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import Settings
 
 log = logging.getLogger(__name__)
-
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 class Database:
@@ -99,21 +94,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 def safe_url(url: URL) -> str:
     """The URL for logs: never the password."""
     return url.render_as_string(hide_password=True)
-
-
-def alembic_config(url: URL) -> Config:
-    """Alembic configured from our settings' URL (the one source of truth)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["url"] = url
-    return config
-
-
-def upgrade_to_head(url: URL) -> None:
-    """Apply every migration not yet applied (`adaccounts migrate`)."""
-    if not MIGRATIONS_DIR.is_dir():
-        raise RuntimeError(f"migrations not found at {MIGRATIONS_DIR}")
-    command.upgrade(alembic_config(url), "head")
 
 
 def init_db(engine: Engine) -> None:
