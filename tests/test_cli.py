@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 ADACCOUNTS = shutil.which("adaccounts", path=str(Path(sys.executable).parent)) or shutil.which("adaccounts")
 TIMEOUT_S = 15.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 # Settings the machine running the tests may have; every subprocess starts without them.
 SETTING_PREFIXES = (
     "DATABASE_URL",

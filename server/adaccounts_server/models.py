@@ -53,6 +53,9 @@ class AdAccount(SQLModel, table=True):
         sa.Index("ix_ad_accounts_update_time_id", "update_time", "id"),
         sa.Index("ix_ad_accounts_name_id", "name", "id"),
         sa.Index("ix_ad_accounts_owner_id_create_time_id", "owner_id", "create_time", "id"),
+        # The same orders filtered by owner (migration 0002).
+        sa.Index("ix_ad_accounts_owner_id_update_time_id", "owner_id", "update_time", "id"),
+        sa.Index("ix_ad_accounts_owner_id_name_id", "owner_id", "name", "id"),
     )
 
     id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, primary_key=True))
