@@ -354,7 +354,6 @@ def test_migrate_an_unreachable_database_fails_in_one_line_without_the_password(
 def test_serve_never_runs_ddl_on_postgresql(serve, tmp_path: Path, empty_db: str) -> None:
     server = serve(DATABASE_URL=pg_url(empty_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
     # Liveness answers once the server listens, i.e. after start-up, where SQLite is migrated.
-    # (Readiness is SERVING too here: it only asks `SELECT 1` of the database, not for the schema.)
     server.wait_serving("liveness")
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
         # No table: this fails (how is not asserted here) but must not create one either.
@@ -362,6 +361,10 @@ def test_serve_never_runs_ddl_on_postgresql(serve, tmp_path: Path, empty_db: str
     time.sleep(1.0)
     assert server.process.poll() is None, f"serve stopped:\n{server.output}"
     assert tables(empty_db) == set(), "serve must never create tables on PostgreSQL (run `adaccounts migrate`)"
+    # The schema gate: not ready, saying what to do.
+    readiness = run(tmp_path, "check", "--target", server.target)
+    assert lines(readiness.stdout) == [f"{server.target} '': NOT_SERVING"]
+    assert "run `adaccounts migrate`" in server.output
     assert not (tmp_path / "adaccounts.db").exists()
     assert server.terminate() == 0, server.output
 
