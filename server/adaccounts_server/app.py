@@ -39,7 +39,10 @@ class App:
         self.database = Database(settings)
         self.executor = ThreadPoolExecutor(max_workers=settings.GRPC_THREADS, thread_name_prefix="rpc")
         self.service = AdAccountService(
-            AdAccountRepository(self.database), self.executor, PageTokens(settings.page_token_key)
+            AdAccountRepository(self.database),
+            self.executor,
+            PageTokens(settings.page_token_key),
+            settings.max_concurrent_rpcs,
         )
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
         self.server: grpc.aio.Server | None = None
@@ -50,6 +53,8 @@ class App:
             options=[
                 # Never share a port with another server by accident.
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
             ],
         )
         server.add_generic_rpc_handlers((rpc_handlers(self.service),))

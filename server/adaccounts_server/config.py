@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     DB_POOL_TIMEOUT: Seconds = 2.0
     DB_POOL_RECYCLE: Seconds = 1800.0
     DB_CONNECT_TIMEOUT: Positive = 3
+    # No statement runs longer than this, nor longer than its caller's deadline.
+    DB_STATEMENT_TIMEOUT_MAX_S: Seconds = 30.0
+
+    # Calls in progress at once (health and reflection aside); past it, calls are
+    # refused with RESOURCE_EXHAUSTED at once instead of queueing. Default: 16 x GRPC_THREADS.
+    MAX_CONCURRENT_RPCS: Positive | None = None
+    # Largest request or response; a bigger request is refused with RESOURCE_EXHAUSTED.
+    GRPC_MAX_MESSAGE_BYTES: Positive = 4 * 1024 * 1024
 
     HEALTH_CHECK_INTERVAL_S: Seconds = 1.0
     HEALTH_CHECK_TIMEOUT_S: Seconds = 2.0
@@ -115,6 +123,10 @@ class Settings(BaseSettings):
     @property
     def pool_size(self) -> int:
         return self.DB_POOL_SIZE or self.GRPC_THREADS
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        return self.MAX_CONCURRENT_RPCS or 16 * self.GRPC_THREADS
 
     @property
     def page_token_key(self) -> bytes:

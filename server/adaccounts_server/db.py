@@ -8,16 +8,80 @@ worker processes each own theirs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
+from .errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+
+
+class CallScope:
+    """What the database work of one RPC must respect: its caller's deadline, and
+    its caller going away. Sessions opened under it turn the remaining time into
+    the transaction's statement_timeout, and cancel() stops the query in flight."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline  # time.monotonic() value, None for no deadline
+        self._lock = threading.Lock()
+        self._connection: Any = None  # the DBAPI connection while a session is open
+        self._cancelled = False
+
+    def remaining(self) -> float | None:
+        """Seconds left; DeadlineExceeded when none are, or when the caller has gone."""
+        if self._cancelled:
+            raise DeadlineExceeded("the call was cancelled")
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the deadline passed before the database was asked")
+        return left
+
+    def cancel(self) -> None:
+        """Ask PostgreSQL to stop this call's running statement (safe from any thread)."""
+        with self._lock:
+            self._cancelled = True
+            connection = self._connection
+        if connection is not None:
+            try:
+                connection.cancel()
+            except Exception as error:  # the connection may be broken already
+                log.debug("cancelling a statement failed: %s", error)
+
+    @contextmanager
+    def attached(self, connection: Any) -> Iterator[None]:
+        with self._lock:
+            self._connection = connection
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._connection = None
+
+
+_current_scope: ContextVar[CallScope | None] = ContextVar("adaccounts_call_scope", default=None)
+
+
+def run_in_scope(scope: CallScope, work: Callable[..., Result], *args: Any) -> Result:
+    """Run `work` (on a worker thread) with every session it opens bound to `scope`."""
+    token = _current_scope.set(scope)
+    try:
+        scope.remaining()  # the caller may have given up while this call queued for a thread
+        return work(*args)
+    finally:
+        _current_scope.reset(token)
 
 
 class Database:
@@ -27,6 +91,7 @@ class Database:
         self.url = settings.database_url
         self.engine = build_engine(settings)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._max_statement_s = settings.DB_STATEMENT_TIMEOUT_MAX_S
 
     @property
     def is_sqlite(self) -> bool:
@@ -34,9 +99,26 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction: committed if the block returns, rolled back if it raises, always closed."""
+        """One transaction: committed if the block returns, rolled back if it raises, always closed.
+
+        On PostgreSQL no statement in it outlives DB_STATEMENT_TIMEOUT_MAX_S or the
+        deadline of the RPC it serves, and the RPC's cancellation cancels it.
+        """
+        scope = _current_scope.get()
         with self._sessions() as session, session.begin():
-            yield session
+            if self.is_sqlite:
+                yield session
+                return
+            remaining = scope.remaining() if scope else None
+            limit = self._max_statement_s if remaining is None else min(remaining, self._max_statement_s)
+            connection = session.connection()
+            # SET LOCAL: scoped to this transaction, so it is also right behind PgBouncer.
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(limit * 1000))}")
+            if scope is None:
+                yield session
+                return
+            with scope.attached(connection.connection.dbapi_connection):
+                yield session
 
     def ping(self) -> None:
         """`SELECT 1` through the pool; raises when the database cannot answer."""

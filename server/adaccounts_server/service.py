@@ -19,6 +19,7 @@ from adaccounts.v1 import ad_accounts_pb2 as pb
 from google.protobuf import empty_pb2, message, message_factory
 
 from . import convert, errors
+from .db import CallScope, run_in_scope
 from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 
@@ -28,10 +29,17 @@ Result = TypeVar("Result")
 
 
 class AdAccountService:
-    def __init__(self, repository: AdAccountRepository, executor: Executor, page_tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        repository: AdAccountRepository,
+        executor: Executor,
+        page_tokens: PageTokens,
+        max_concurrent_rpcs: int,
+    ) -> None:
         self._repository = repository
         self._executor = executor
         self._page_tokens = page_tokens
+        self._max_in_flight = max_concurrent_rpcs
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -104,16 +112,25 @@ class AdAccountService:
     ) -> Result:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+        if self._in_flight >= self._max_in_flight:
+            # Shed at once: queueing would only make every caller late.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is overloaded ({self._in_flight} calls in progress); retry with backoff",
+            )
         self._in_flight += 1
         self._idle.clear()
+        remaining = context.time_remaining()
+        scope = CallScope(None if remaining is None else time.monotonic() + remaining)
         try:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidArgument.field("", request.description)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, _before_deadline, deadline, work, request)
+            return await loop.run_in_executor(self._executor, run_in_scope, scope, work, request)
         except asyncio.CancelledError:
+            # The caller cancelled or its deadline passed: stop the query too. cancel()
+            # talks to PostgreSQL, so keep it off the event loop.
+            asyncio.get_running_loop().run_in_executor(None, scope.cancel)
             raise
         except Exception as error:
             await context.abort_with_status(errors.to_status(error))
@@ -138,13 +155,6 @@ class AdAccountService:
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-
-def _before_deadline(deadline: float | None, work: Callable[[Any], Result], request: Any) -> Result:
-    """Skip work whose caller has already given up while it queued for a thread."""
-    if deadline is not None and time.monotonic() >= deadline:
-        raise errors.DeadlineExceeded("the deadline passed before the call could start")
-    return work(request)
 
 
 class MalformedRequest:

@@ -1,0 +1,97 @@
+"""Deadlines reach PostgreSQL: a query never outlives its caller."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import psycopg2
+import pytest
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+
+from conftest import RunningServer, test_settings
+from test_crud import create, rpc_error
+from test_errors import hold_row_lock
+
+pytestmark = pytest.mark.faults
+
+
+def blocked_backends(database_url) -> list[str]:
+    """Statements of this service's backends waiting on a lock in the test database."""
+    connection = psycopg2.connect(database_url.set(drivername="postgresql", database="postgres").render_as_string(False))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT query FROM pg_stat_activity WHERE datname = %s AND application_name = 'adaccounts'"
+                " AND state = 'active' AND wait_event_type = 'Lock'",
+                (database_url.database,),
+            )
+            return [row[0] for row in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+def wait_until(condition, timeout: float = 5.0) -> float:
+    """Seconds until condition() held; fails after timeout."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"still not true after {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def update_request(account_id: str, name: str) -> pb.UpdateAdAccountRequest:
+    return pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account_id, name=name))
+
+
+def test_a_query_does_not_outlive_its_callers_deadline(stub, database_url):
+    account = create(stub)
+    release, holder = hold_row_lock(database_url, account.id)
+    try:
+        started = time.monotonic()
+        error = rpc_error(stub.UpdateAdAccount, update_request(account.id, "late"), timeout=0.3)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 2
+        # The server's statement is gone from PostgreSQL within moments of the deadline.
+        wait_until(lambda: not blocked_backends(database_url), timeout=2)
+    finally:
+        release.set()
+        holder.join()
+    assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id)).name == account.name, "nothing was written"
+
+
+def test_a_cancelled_call_cancels_its_query(stub, database_url):
+    account = create(stub)
+    release, holder = hold_row_lock(database_url, account.id)
+    try:
+        future = stub.UpdateAdAccount.future(update_request(account.id, "cancelled"), timeout=30)
+        wait_until(lambda: len(blocked_backends(database_url)) == 1)
+        future.cancel()
+        wait_until(lambda: not blocked_backends(database_url), timeout=2)
+    finally:
+        release.set()
+        holder.join()
+    assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id)).name == account.name
+
+
+def test_statements_are_capped_even_without_a_deadline(clean_db, database_url):
+    running = RunningServer(test_settings(database_url, DB_STATEMENT_TIMEOUT_MAX_S=0.5))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.AdAccountServiceStub(channel)
+            account = create(stub)
+            release, holder = hold_row_lock(database_url, account.id)
+            try:
+                started = time.monotonic()
+                error = rpc_error(stub.UpdateAdAccount, update_request(account.id, "capped"))
+                assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert 0.4 < time.monotonic() - started < 5
+                assert "SELECT" not in error.details()
+            finally:
+                release.set()
+                holder.join()
+            assert running.app.database.checked_out() == 0
+    finally:
+        running.stop()
