@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 from adaccounts import AdAccountsClient, AdAccountsError, AsyncAdAccountsClient, Unavailable
 from conftest import RunningServer, new_account, test_settings
@@ -128,8 +129,10 @@ def test_without_the_retry_policy_the_same_restart_fails_calls(restartable):
         outcomes, _, _ = restart_while_calling(restartable, lambda: client.get(account.id))
 
     errors = [o.error for o in outcomes if o.error is not None]
-    assert errors, "a restart without retries should fail some calls"
-    assert all(isinstance(error, Unavailable) for error in errors)
+    assert any(isinstance(error, Unavailable) for error in errors), "a restart without retries fails calls"
+    # Now and then a call the stopping server had accepted but not started comes back
+    # CANCELLED (grpc/grpc#41785): the policy retries that status too.
+    assert {error.code for error in errors} <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
 def test_async_client_retries_across_a_restart_too(restartable):

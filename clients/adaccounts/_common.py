@@ -25,6 +25,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
 #: may follow a change that did happen.
 RETRIED_METHODS = ("GetAdAccount", "BatchGetAdAccounts", "ListAdAccounts", "CreateAdAccount")
 
+#: UNAVAILABLE: no server, a draining one, or no database; nothing was changed.
+#: CANCELLED: what a gRPC server that is shutting down sends for calls it had accepted
+#: but not yet started (grpc/grpc#41785); harmless to repeat for RETRIED_METHODS.
+RETRIED_STATUSES = ("UNAVAILABLE", "CANCELLED")
+
 Metadata = Sequence[tuple[str, str]]
 #: Called before every call; its pairs are sent as metadata (e.g. a fresh auth token).
 MetadataProvider = Callable[[], Iterable[tuple[str, str]]]
@@ -39,7 +44,7 @@ DEFAULT_KEEPALIVE_TIME_S = 300.0
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC's retryPolicy for RETRIED_METHODS, applied on UNAVAILABLE.
+    """gRPC's retryPolicy for RETRIED_METHODS, applied on RETRIED_STATUSES.
 
     Attempt n (from 2) waits a random time up to
     min(initial_backoff_s * backoff_multiplier ** (n - 2), max_backoff_s); every attempt
@@ -79,7 +84,7 @@ def service_config(retry: RetryPolicy | None) -> dict[str, Any]:
                     "initialBackoff": f"{retry.initial_backoff_s:.3f}s",
                     "maxBackoff": f"{retry.max_backoff_s:.3f}s",
                     "backoffMultiplier": retry.backoff_multiplier,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": list(RETRIED_STATUSES),
                 },
             }
         ]

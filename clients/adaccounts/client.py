@@ -47,7 +47,8 @@ class AdAccountsClient:
     `timeout` (seconds) is the deadline of every call unless the call gives its own;
     None means no deadline. With `wait_for_ready`, a call made while no server is
     reachable waits (up to its deadline) for one instead of failing at once.
-    `retry` retries Get, BatchGet, List and Create on UNAVAILABLE (None: never).
+    `retry` retries Get, BatchGet, List and Create on UNAVAILABLE or a shutting-down
+    server's CANCELLED (None: never).
     `credentials` switches to TLS (see tls_credentials); `metadata_provider` is called
     before every call and its pairs are sent with it (an auth token, say).
     `keepalive_time_s` below 300 needs the server to allow it (see the README).
