@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -9,10 +10,9 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
+from conftest import new_account
 from google.protobuf import field_mask_pb2
 from grpc_status import rpc_status
-
-from conftest import new_account
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -58,7 +58,9 @@ def test_create_returns_the_stored_account_with_server_fields(stub):
     assert created.name == "Acme — Ünïcode ✓"
     assert created.etag
     assert created.create_time == created.update_time
-    assert before - timedelta(seconds=5) < created.create_time.ToDatetime(UTC) < datetime.now(UTC) + timedelta(seconds=5)
+    assert (
+        before - timedelta(seconds=5) < created.create_time.ToDatetime(UTC) < datetime.now(UTC) + timedelta(seconds=5)
+    )
     assert stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id.upper())) == created
 
 
@@ -266,14 +268,10 @@ def test_no_connection_is_left_checked_out_after_load(stub, server):
     def mixed(i: int) -> None:
         stub.GetAdAccount(pb.GetAdAccountRequest(id=ids[i % 20]))
         stub.ListAdAccounts(pb.ListAdAccountsRequest(page_size=5))
-        try:
+        with contextlib.suppress(grpc.RpcError):
             stub.GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())))
-        except grpc.RpcError:
-            pass
-        try:
+        with contextlib.suppress(grpc.RpcError):
             create(stub, external_id="act_dup")
-        except grpc.RpcError:
-            pass
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(mixed, range(200)))

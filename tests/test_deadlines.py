@@ -9,7 +9,6 @@ import psycopg2
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-
 from conftest import RunningServer, test_settings
 from test_crud import create, rpc_error
 from test_errors import hold_row_lock
@@ -19,7 +18,9 @@ pytestmark = pytest.mark.faults
 
 def blocked_backends(database_url) -> list[str]:
     """Statements of this service's backends waiting on a lock in the test database."""
-    connection = psycopg2.connect(database_url.set(drivername="postgresql", database="postgres").render_as_string(False))
+    connection = psycopg2.connect(
+        database_url.set(drivername="postgresql", database="postgres").render_as_string(False)
+    )
     try:
         with connection.cursor() as cursor:
             cursor.execute(

@@ -11,7 +11,6 @@ import psycopg2
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-
 from conftest import ADMIN_URL, RunningServer, create_database, drop_database, new_account, test_settings
 from test_crud import create, field_violations, rpc_error
 
@@ -225,7 +224,9 @@ def test_unexpected_failure_is_internal_with_an_error_id_and_no_detail(clean_db)
     running = RunningServer(test_settings(url))
     try:
         with grpc.insecure_channel(running.target) as channel:
-            error = rpc_error(pb_grpc.AdAccountServiceStub(channel).GetAdAccount, pb.GetAdAccountRequest(id=str(uuid.uuid4())))
+            error = rpc_error(
+                pb_grpc.AdAccountServiceStub(channel).GetAdAccount, pb.GetAdAccountRequest(id=str(uuid.uuid4()))
+            )
         assert error.code() == grpc.StatusCode.INTERNAL
         assert "error id" in error.details()
         assert_clean(error)

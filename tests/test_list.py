@@ -10,7 +10,6 @@ import psycopg2
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-
 from conftest import RunningServer, new_account, test_settings
 from test_crud import create, field_violations, rpc_error
 
@@ -221,7 +220,5 @@ def test_walk_by_create_time_sees_every_existing_row_once_while_rows_are_inserte
 
 
 def test_list_of_created_accounts_uses_created_values(stub):
-    created = [
-        stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account(name=f"n{i}"))) for i in range(3)
-    ]
+    created = [stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account(name=f"n{i}"))) for i in range(3)]
     assert walk(stub, page_size=2) == created

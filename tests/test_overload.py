@@ -9,9 +9,8 @@ import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import RunningServer, test_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_crud import create, rpc_error
 from test_deadlines import blocked_backends, update_request, wait_until
 from test_errors import hold_row_lock
