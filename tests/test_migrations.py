@@ -264,7 +264,11 @@ def test_an_invalid_migration_database_url_exits_2_naming_it() -> None:
     assert "Pa55word1234" not in result.stdout + result.stderr
 
 
-def test_migration_settings() -> None:
+def test_migration_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith(SETTING_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no .env
     settings = load_settings(_env_file=None, MIGRATION_DATABASE_URL="postgresql://m:pw@db/app")
     assert settings.migration_database_url.drivername == "postgresql+psycopg2"
     assert settings.uses_embedded_database  # the Job needs no server settings

@@ -118,7 +118,12 @@ def head_revision() -> str:
 
 def revisions() -> list[str]:
     """Every revision, oldest first."""
-    return [script.revision for script in reversed(list(script_directory().walk_revisions()))]
+    return list(_revisions())
+
+
+@cache
+def _revisions() -> tuple[str, ...]:  # the files do not change under a running process
+    return tuple(script.revision for script in reversed(list(script_directory().walk_revisions())))
 
 
 def is_known(revision: str) -> bool:
