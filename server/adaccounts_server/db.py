@@ -1,4 +1,4 @@
-"""The one engine, the session scope, the database ping and the migrations.
+"""The one engine, the session scope (with each RPC's deadline) and the database ping.
 
 The seed kept a module-level engine built at import; here the engine is built
 from settings when the server starts and disposed when it stops, so tests and
