@@ -17,7 +17,8 @@ from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.app import App
 from adaccounts_server.config import Settings, load_settings
 from adaccounts_server.migrate import upgrade_to_head
-from pg_instance import ThrowawayPostgres
+from pg_instance import ThrowawayPostgres, wait_until
+from pgbouncer import INSTALL_HINT, PgBouncer, pgbouncer_binary
 from sqlalchemy.engine import URL, make_url
 
 # The PostgreSQL this machine runs (trust auth); override to use another.
@@ -163,3 +164,67 @@ def pg(throwaway_pg: ThrowawayPostgres) -> Iterator[ThrowawayPostgres]:
     throwaway_pg.resume()
     if not throwaway_pg.running:
         throwaway_pg.start()
+
+
+# --- Faults and PgBouncer (issue 5: tests/test_faults.py, tests/test_pgbouncer.py) ----------------
+
+
+class Route:
+    """How a server under test reaches a throwaway PostgreSQL: directly, or through PgBouncer."""
+
+    def __init__(self, name: str, pg: ThrowawayPostgres, bouncer: PgBouncer | None = None) -> None:
+        self.name = name
+        self.pg = pg  # the PostgreSQL itself, for faults and for looking at pg_stat_activity
+        self.bouncer = bouncer
+
+    @property
+    def url(self) -> URL:
+        """What the server under test connects to."""
+        return self.bouncer.url if self.bouncer is not None else self.pg.url
+
+    @property
+    def dsn(self) -> str:
+        return self.bouncer.dsn if self.bouncer is not None else self.pg.dsn
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until a query through this route answers (PgBouncer retries logins only every few seconds)."""
+
+        def answers() -> bool:
+            try:
+                connection = psycopg2.connect(self.dsn)
+            except psycopg2.Error:
+                return False
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                return True
+            except psycopg2.Error:
+                return False
+            finally:
+                connection.close()
+
+        wait_until(answers, timeout, interval=0.1, message=f"PostgreSQL to answer through the {self.name} route")
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(throwaway_pg: ThrowawayPostgres) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction-pooling mode in front of the module's throwaway PostgreSQL."""
+    if pgbouncer_binary() is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    bouncer = PgBouncer("127.0.0.1", throwaway_pg.port, throwaway_pg.database)
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.cleanup()
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def route(request: pytest.FixtureRequest, pg: ThrowawayPostgres) -> Route:
+    """The module's throwaway PostgreSQL, reached directly or through PgBouncer (transaction pooling)."""
+    if request.param == "direct":
+        chosen = Route("direct", pg)
+    else:
+        chosen = Route("pgbouncer", pg, request.getfixturevalue("pgbouncer"))
+    chosen.wait_ready()
+    return chosen

@@ -21,6 +21,7 @@ from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 from .service import SERVICE_NAME, AdAccountService, rpc_handlers
+from .tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ class App:
             # same migrations as PostgreSQL. PostgreSQL is never migrated here.
             await asyncio.get_running_loop().run_in_executor(None, upgrade_to_head, self.database.url)
         address = f"{settings.GRPC_HOST}:{settings.GRPC_PORT}"
+        credentials = server_credentials(settings)
         try:
-            self.port = self.server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError as error:
             raise OSError(f"cannot listen on {address}: {error}") from None
         # Publish NOT_SERVING before the port opens: gRPC's health servicer
@@ -88,9 +93,10 @@ class App:
         await self.monitor.start()
         await self.server.start()
         log.info(
-            "serving adaccounts.v1 on %s:%d (%d worker threads, pool %d+%d)",
+            "serving adaccounts.v1 on %s:%d, %s (%d worker threads, pool %d+%d)",
             settings.GRPC_HOST,
             self.port,
+            {"off": "plaintext (GRPC_TLS=off)", "tls": "TLS", "mtls": "mutual TLS"}[settings.GRPC_TLS],
             settings.GRPC_THREADS,
             settings.pool_size,
             settings.DB_MAX_OVERFLOW,

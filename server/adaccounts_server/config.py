@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import cached_property
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,15 @@ class Settings(BaseSettings):
     # Largest request or response; a bigger request is refused with RESOURCE_EXHAUSTED.
     GRPC_MAX_MESSAGE_BYTES: Positive = 4 * 1024 * 1024
 
+    # Transport security: "off" (plaintext) is the default for now, so that `adaccounts serve`
+    # works with no setup; "tls" serves GRPC_TLS_CERT_FILE/KEY_FILE; "mtls" also requires
+    # every client to present a certificate signed by GRPC_TLS_CLIENT_CA_FILE. The files are
+    # read again when they change (certificate rotation without a restart).
+    GRPC_TLS: Literal["off", "tls", "mtls"] = "off"
+    GRPC_TLS_CERT_FILE: Path | None = None
+    GRPC_TLS_KEY_FILE: Path | None = None
+    GRPC_TLS_CLIENT_CA_FILE: Path | None = None
+
     HEALTH_CHECK_INTERVAL_S: Seconds = 1.0
     HEALTH_CHECK_TIMEOUT_S: Seconds = 2.0
     SHUTDOWN_GRACE_S: Annotated[float, Field(ge=0)] = 10.0
@@ -84,6 +94,7 @@ class Settings(BaseSettings):
         if logging.getLevelName(self.LOG_LEVEL.upper()) not in range(0, 51):
             raise ValueError(f"LOG_LEVEL: unknown level {self.LOG_LEVEL!r} (use DEBUG, INFO, WARNING, ERROR)")
         _check_url("DATABASE_URL", lambda: self.database_url)
+        _check_tls(self)
         if self.MIGRATION_DATABASE_URL is not None:
             _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
         secret = self.PAGE_TOKEN_SECRET
@@ -151,6 +162,33 @@ def _check_url(name: str, get_url: Callable[[], URL]) -> None:
         url.get_dialect().import_dbapi()
     except Exception:  # ImportError, or NoSuchModuleError for an unknown driver
         raise ValueError(f"{name}: driver {url.drivername!r} is not installed") from None
+
+
+def _check_tls(settings: Settings) -> None:
+    files = {
+        "GRPC_TLS_CERT_FILE": (settings.GRPC_TLS_CERT_FILE, b"-----BEGIN CERTIFICATE-----"),
+        "GRPC_TLS_KEY_FILE": (settings.GRPC_TLS_KEY_FILE, b"PRIVATE KEY-----"),
+        "GRPC_TLS_CLIENT_CA_FILE": (settings.GRPC_TLS_CLIENT_CA_FILE, b"-----BEGIN CERTIFICATE-----"),
+    }
+    wanted = {
+        "off": (),
+        "tls": ("GRPC_TLS_CERT_FILE", "GRPC_TLS_KEY_FILE"),
+        "mtls": ("GRPC_TLS_CERT_FILE", "GRPC_TLS_KEY_FILE", "GRPC_TLS_CLIENT_CA_FILE"),
+    }[settings.GRPC_TLS]
+    for name, (path, marker) in files.items():
+        if path is None:
+            if name in wanted:
+                raise ValueError(f"{name}: required with GRPC_TLS={settings.GRPC_TLS}")
+            continue
+        if name not in wanted:
+            # Never fall back to plaintext (or to no client check) because one setting was forgotten.
+            raise ValueError(f"{name}: set, but GRPC_TLS={settings.GRPC_TLS} does not use it")
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"{name}: cannot read {path} ({error.strerror or type(error).__name__})") from None
+        if marker not in content:
+            raise ValueError(f"{name}: {path} is not a PEM file with {marker.decode().strip('-')}")
 
 
 def load_settings(**overrides: object) -> Settings:
