@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import Settings
 from .db import Database, safe_url
 from .health import DatabaseMonitor
+from .interceptors import Authenticator, CallInterceptor
 from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
 from .repository import AdAccountRepository
@@ -51,6 +52,7 @@ class App:
 
     def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
+            interceptors=[CallInterceptor(Authenticator(self.settings.auth_tokens))],
             options=[
                 # Never share a port with another server by accident.
                 ("grpc.so_reuseport", 0),
@@ -60,14 +62,15 @@ class App:
         )
         server.add_generic_rpc_handlers((rpc_handlers(self.service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        if self.settings.GRPC_REFLECTION:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
         return server
 
     async def start(self) -> int:

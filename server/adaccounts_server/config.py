@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +30,18 @@ Seconds = Annotated[float, Field(gt=0)]
 
 class SettingsError(Exception):
     """A setting is missing or invalid; the message names it in one line."""
+
+
+class TokenGrant(NamedTuple):
+    """What one bearer token (known by its SHA-256) lets its calling service do."""
+
+    name: str
+    scope: str  # "read" | "read-write"
+
+
+TOKEN_SCOPES = ("read", "read-write")
+_CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class Settings(BaseSettings):
@@ -89,12 +103,19 @@ class Settings(BaseSettings):
     PAGE_TOKEN_SECRET: SecretStr | None = None
     LOG_LEVEL: str = "INFO"
 
+    # Bearer tokens of the calling services, as JSON: {"<sha256 hex of the token>":
+    # {"name": "billing", "scope": "read" | "read-write"}, ...}. Unset: no authentication.
+    AUTH_TOKENS: SecretStr | None = None
+    # gRPC server reflection (what grpcurl lists and describes); like health, it needs no token.
+    GRPC_REFLECTION: bool = True
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if logging.getLevelName(self.LOG_LEVEL.upper()) not in range(0, 51):
             raise ValueError(f"LOG_LEVEL: unknown level {self.LOG_LEVEL!r} (use DEBUG, INFO, WARNING, ERROR)")
         _check_url("DATABASE_URL", lambda: self.database_url)
         _check_tls(self)
+        _ = self.auth_tokens  # parse now: a bad entry stops the program at start, in one line
         if self.MIGRATION_DATABASE_URL is not None:
             _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
         secret = self.PAGE_TOKEN_SECRET
@@ -130,6 +151,13 @@ class Settings(BaseSettings):
         if self.MIGRATION_DATABASE_URL is not None:
             return _psycopg2(make_url(self.MIGRATION_DATABASE_URL.get_secret_value()))
         return self.database_url
+
+    @cached_property
+    def auth_tokens(self) -> dict[str, TokenGrant] | None:
+        """AUTH_TOKENS parsed: lowercase SHA-256 hex → grant; None when authentication is off."""
+        if self.AUTH_TOKENS is None:
+            return None
+        return _parse_tokens(self.AUTH_TOKENS.get_secret_value())
 
     @property
     def pool_size(self) -> int:
@@ -189,6 +217,30 @@ def _check_tls(settings: Settings) -> None:
             raise ValueError(f"{name}: cannot read {path} ({error.strerror or type(error).__name__})") from None
         if marker not in content:
             raise ValueError(f"{name}: {path} is not a PEM file with {marker.decode().strip('-')}")
+
+
+def _parse_tokens(text: str) -> dict[str, TokenGrant]:
+    # The messages never quote the value: it is a secret setting.
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        raise ValueError("AUTH_TOKENS: not valid JSON") from None
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError('AUTH_TOKENS: want a non-empty JSON object {"<sha256 hex>": {"name": ..., "scope": ...}}')
+    grants: dict[str, TokenGrant] = {}
+    for number, (digest, grant) in enumerate(entries.items(), start=1):
+        where = f"AUTH_TOKENS: entry {number}"
+        if not _SHA256_HEX.fullmatch(digest):
+            raise ValueError(f"{where}: the key must be the token's SHA-256 as 64 hex digits")
+        if not isinstance(grant, dict) or set(grant) != {"name", "scope"}:
+            raise ValueError(f'{where}: want {{"name": ..., "scope": ...}}')
+        name, scope = grant["name"], grant["scope"]
+        if not isinstance(name, str) or not _CALLER_NAME.fullmatch(name):
+            raise ValueError(f"{where}: name must be 1-64 letters, digits, '.', '_' or '-'")
+        if scope not in TOKEN_SCOPES:
+            raise ValueError(f"{where}: scope must be 'read' or 'read-write'")
+        grants[digest.lower()] = TokenGrant(name, scope)
+    return grants
 
 
 def load_settings(**overrides: object) -> Settings:
