@@ -173,6 +173,13 @@ class Load:
         with self._lock:
             return sum(self.counts.values())
 
+    def counts_by_code(self) -> Counter:
+        with self._lock:
+            counts: Counter[grpc.StatusCode] = Counter()
+            for (_, code), n in self.counts.items():
+                counts[code] += n
+            return counts
+
     def successes(self) -> int:
         with self._lock:
             return sum(n for (_, code), n in self.counts.items() if code == OK)
