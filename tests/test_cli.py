@@ -381,7 +381,8 @@ def test_serve_never_prints_the_database_password(serve, migrated_db: str) -> No
             stub.GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=5)
     assert server.terminate() == 0, server.output
     output = server.output
-    assert " DEBUG " in output, "LOG_LEVEL=DEBUG was not applied, so this test proves little"
+    debug = (" DEBUG ", '"level": "DEBUG"')  # text on a terminal, JSON lines otherwise (LOG_FORMAT=auto)
+    assert any(mark in output for mark in debug), "LOG_LEVEL=DEBUG was not applied, so this test proves little"
     assert password not in output
     assert "postgresql+psycopg2://postgres:***@" in output  # the URL is logged, masked
 

@@ -62,18 +62,16 @@ def _settings(**overrides: object):  # type: ignore[no-untyped-def]
         sys.exit(EXIT_USAGE)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str = "auto") -> None:
+    from .logs import configure
+
+    configure(level, log_format)  # JSON lines unless stderr is a terminal (LOG_FORMAT)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(GRPC_HOST=args.host, GRPC_PORT=args.port, GRPC_THREADS=args.threads)
-    _configure_logging(settings.LOG_LEVEL)
+    _configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     from .app import serve
 
     try:

@@ -102,6 +102,8 @@ class Settings(BaseSettings):
 
     PAGE_TOKEN_SECRET: SecretStr | None = None
     LOG_LEVEL: str = "INFO"
+    # "auto": one JSON object per line when stderr is not a terminal, text when it is.
+    LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
 
     # Bearer tokens of the calling services, as JSON: {"<sha256 hex of the token>":
     # {"name": "billing", "scope": "read" | "read-write"}, ...}. Unset: no authentication.

@@ -8,6 +8,7 @@ the detail goes to the server log only, under an error id quoted to the caller.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 # PostgreSQL's SQLSTATE for a statement cancelled by statement_timeout or a cancel request.
 QUERY_CANCELED = "57014"
+
+# What an INTERNAL caller sees; the same id is in the server's log line about it.
+_INTERNAL_MESSAGE = "internal error (error id {})"
+_ERROR_ID = re.compile(r"\(error id ([0-9a-f]{16})\)")
 
 
 class ServiceError(Exception):
@@ -102,8 +107,14 @@ def _translate(error: BaseException) -> ServiceError:
             log.warning("database unavailable: %s", first_line(error.orig))
             return Unavailable("the database is unavailable; retry later")
     error_id = uuid.uuid4().hex[:16]
-    log.error("unexpected error, error id %s", error_id, exc_info=error)
-    return ServiceError(f"internal error (error id {error_id})")
+    log.error("unexpected error, error id %s", error_id, exc_info=error, extra={"error_id": error_id})
+    return ServiceError(_INTERNAL_MESSAGE.format(error_id))
+
+
+def error_id_of(details: str | None) -> str | None:
+    """The error id an INTERNAL status's details quote, if any (for the call's log line)."""
+    match = _ERROR_ID.search(details or "")
+    return match.group(1) if match else None
 
 
 def first_line(error: object) -> str:

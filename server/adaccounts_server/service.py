@@ -133,8 +133,11 @@ class AdAccountService:
             asyncio.get_running_loop().run_in_executor(None, scope.cancel)
             raise
         except Exception as error:
-            await context.abort_with_status(errors.to_status(error))
-            raise  # abort_with_status always raises; this keeps type checkers informed
+            status = errors.to_status(error)
+            # abort_with_status would replace the trailing metadata set so far (x-request-id).
+            trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
+            await context.abort(status.code, status.details, trailing)
+            raise  # abort always raises; this keeps type checkers informed
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
