@@ -496,8 +496,10 @@ def fuzz(server, channel, clean_db, database_url) -> Iterator[Fuzz]:  # type: ig
     yield checker
     checker.assert_serving()
     rows = assert_table_consistent(database_url)
-    answers = ", ".join(f"{code.name} {n}" for (_, code), n in sorted(checker.counts.items(), key=lambda i: -i[1]))
-    print(f"\n[fuzz] {sum(checker.counts.values())} calls: {answers}; afterwards {rows} rows, all valid")
+    for method in sorted({method for method, _ in checker.counts}):
+        counts = sorted(((n, code.name) for (m, code), n in checker.counts.items() if m == method), reverse=True)
+        answers = ", ".join(f"{name} {n}" for n, name in counts)
+        print(f"\n[fuzz] {method}: {sum(n for n, _ in counts)} calls: {answers}; afterwards {rows} rows, all valid")
 
 
 METHODS = list(REQUESTS)
