@@ -18,6 +18,7 @@ from .config import Settings
 from .db import Database, safe_url
 from .health import DatabaseMonitor
 from .interceptors import Authenticator, CallInterceptor
+from .metrics import Metrics, server_gauges
 from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
 from .repository import AdAccountRepository
@@ -47,12 +48,25 @@ class App:
             settings.max_concurrent_rpcs,
         )
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
+        if settings.METRICS_PORT is not None:
+            self.metrics = Metrics()
+            self.database.on_ping = self.metrics.ping_answered
+            self.metrics.watch(
+                lambda: server_gauges(
+                    self.database.engine.pool,
+                    settings.DB_MAX_OVERFLOW,
+                    lambda: self.monitor.serving,
+                    settings.max_concurrent_rpcs,
+                )
+            )
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
     def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(Authenticator(self.settings.auth_tokens))],
+            interceptors=[CallInterceptor(Authenticator(self.settings.auth_tokens), self.metrics)],
             options=[
                 # Never share a port with another server by accident.
                 ("grpc.so_reuseport", 0),
@@ -91,6 +105,9 @@ class App:
                 self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError as error:
             raise OSError(f"cannot listen on {address}: {error}") from None
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(settings.GRPC_HOST, settings.METRICS_PORT or 0)
+            log.info("metrics on http://%s:%d/metrics", settings.GRPC_HOST, self.metrics_port)
         # Publish NOT_SERVING before the port opens: gRPC's health servicer
         # would otherwise answer SERVING for "" until the first ping.
         await self.monitor.start()
@@ -123,6 +140,8 @@ class App:
             await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.database.dispose()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped")
 
     async def run_until_signalled(self) -> None:

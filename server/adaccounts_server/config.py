@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     AUTH_TOKENS: SecretStr | None = None
     # gRPC server reflection (what grpcurl lists and describes); like health, it needs no token.
     GRPC_REFLECTION: bool = True
+    # Prometheus metrics over HTTP at http://GRPC_HOST:METRICS_PORT/metrics; unset: off; 0: any free port.
+    METRICS_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -92,6 +92,8 @@ class Database:
         self.engine = build_engine(settings)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._max_statement_s = settings.DB_STATEMENT_TIMEOUT_MAX_S
+        # Told how long each ping that answered took (the metrics' ping latency), when set.
+        self.on_ping: Callable[[float], None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -122,8 +124,11 @@ class Database:
 
     def ping(self) -> None:
         """`SELECT 1` through the pool; raises when the database cannot answer."""
+        started = time.perf_counter()
         with self.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+        if self.on_ping is not None:
+            self.on_ping(time.perf_counter() - started)
 
     def checked_out(self) -> int:
         """Connections currently lent out by the pool (zero at rest)."""

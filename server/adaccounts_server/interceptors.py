@@ -34,6 +34,7 @@ import grpc
 from . import logs
 from .config import TokenGrant
 from .errors import error_id_of
+from .metrics import Metrics
 from .service import SERVICE_NAME
 
 rpc_log = logging.getLogger("adaccounts_server.rpc")
@@ -129,10 +130,11 @@ def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates and authorises every call but health and reflection; logs every unary call."""
+    """Authenticates and authorises every call but health and reflection; logs and counts every unary call."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, metrics: Metrics | None = None) -> None:
         self._authenticator = authenticator
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -152,7 +154,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 handler, caller = _refusing(handler, refused), refused.caller
         if handler.request_streaming or handler.response_streaming:
             return handler  # health Watch and reflection: long-lived streams, not logged
-        observed = _Observed(handler.unary_unary, method, caller, _request_id(metadata))
+        observed = _Observed(handler.unary_unary, method, caller, _request_id(metadata), self._metrics)
 
         async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
             # A coroutine function, not a callable object: grpc.aio tells them apart with inspect.
@@ -168,16 +170,26 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 class _Observed:
     """Runs one unary handler with the request id in place, then logs how the call ended."""
 
-    def __init__(self, behaviour: Callable[..., Awaitable[Any]], method: str, caller: Caller | None, rid: str) -> None:
+    def __init__(
+        self,
+        behaviour: Callable[..., Awaitable[Any]],
+        method: str,
+        caller: Caller | None,
+        rid: str,
+        metrics: Metrics | None,
+    ) -> None:
         self._behaviour = behaviour
         self._method = method
         self._caller = caller
         self._request_id = rid
+        self._metrics = metrics
 
     async def run(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         logs.request_id.set(self._request_id)  # this call's own context: seen by its handler's log lines
         context.set_trailing_metadata(((REQUEST_ID, self._request_id),))
+        if self._metrics is not None:
+            self._metrics.call_started(self._method)
         code = grpc.StatusCode.OK
         try:
             response = await self._behaviour(request, context)
@@ -196,7 +208,10 @@ class _Observed:
             code = grpc.StatusCode.UNKNOWN
             raise
         finally:
-            self._log(context, code, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if self._metrics is not None:
+                self._metrics.call_ended(self._method, code, seconds)
+            self._log(context, code, seconds)
 
     def _log(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, seconds: float) -> None:
         if is_open(self._method):

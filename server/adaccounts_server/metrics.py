@@ -1,0 +1,139 @@
+"""Prometheus metrics, served over HTTP on METRICS_PORT (separate from the gRPC port).
+
+Per call (the names and labels of go-grpc-prometheus, so the usual dashboards
+work): grpc_server_started_total, grpc_server_handled_total{grpc_code},
+grpc_server_handling_seconds (histogram), and adaccounts_rpcs_in_flight.
+Read at each scrape: the connection pool (size, checked out, overflow), the
+health status, and the concurrency limit. Observed by the health monitor's
+pings: adaccounts_db_ping_seconds. Label values are method and status names
+only: nothing a caller sends, no token, no URL.
+
+Each App has its own registry, so several servers in one process (the tests)
+never share or collide on metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Calls take milliseconds; the tail (pool waits, statement timeouts) seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """`/pkg.Service/Method` → (`pkg.Service`, `Method`)."""
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("grpc_type", "grpc_service", "grpc_method")
+        self._started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=self.registry)
+        self._handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            (*labels, "grpc_code"),
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the call's arrival to its status, per method.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._in_flight = Gauge(
+            "adaccounts_rpcs_in_flight",
+            "Unary calls in progress.",
+            ("grpc_service", "grpc_method"),
+            registry=self.registry,
+        )
+        self._ping = Histogram(
+            "adaccounts_db_ping_seconds",
+            "Health monitor's database ping (SELECT 1 through the pool), when it answers.",
+            buckets=PING_BUCKETS,
+            registry=self.registry,
+        )
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    # --- per call, from the interceptor ----------------------------------------------------
+
+    def call_started(self, method: str) -> None:
+        service, name = split_method(method)
+        self._started.labels("unary", service, name).inc()
+        self._in_flight.labels(service, name).inc()
+
+    def call_ended(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        service, name = split_method(method)
+        self._in_flight.labels(service, name).dec()
+        self._handled.labels("unary", service, name, code.name).inc()
+        self._latency.labels("unary", service, name).observe(seconds)
+
+    def ping_answered(self, seconds: float) -> None:
+        self._ping.observe(seconds)
+
+    # --- read at scrape time -----------------------------------------------------------------
+
+    def watch(self, collect: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+        """Register gauges computed at each scrape."""
+        self.registry.register(_Callback(collect))
+
+    # --- the HTTP endpoint -------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint on its own thread; returns the bound port."""
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {error.strerror or error}") from None
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _Callback(Collector):
+    def __init__(self, collect: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            yield from self._collect()
+        except Exception as error:  # a scrape must never take the server down
+            log.warning("metrics: reading the gauges failed: %s", type(error).__name__)
+
+
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def server_gauges(
+    pool: Any, max_overflow: int, serving: Callable[[], bool], max_rpcs: int
+) -> Iterator[GaugeMetricFamily]:
+    """The pool's and the health monitor's state as it is now (SQLAlchemy QueuePool)."""
+    yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", pool.size())
+    yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", pool.checkedout())
+    # QueuePool counts overflow from -size while the pool fills: only connections beyond the size count here.
+    yield gauge(
+        "adaccounts_db_pool_overflow", "Connections open beyond the pool size right now.", max(0, pool.overflow())
+    )
+    yield gauge("adaccounts_db_pool_max_overflow", "Most connections beyond the size (DB_MAX_OVERFLOW).", max_overflow)
+    yield gauge("adaccounts_health_serving", "1 while readiness is SERVING, else 0.", 1 if serving() else 0)
+    yield gauge("adaccounts_max_concurrent_rpcs", "Calls in progress past which calls are shed.", max_rpcs)

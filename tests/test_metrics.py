@@ -1,0 +1,155 @@
+"""Prometheus metrics on their own port: scraped after traffic, the numbers moved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from adaccounts_server.config import SettingsError
+from conftest import RunningServer, new_account, test_settings
+from prometheus_client.parser import text_string_to_metric_families
+from test_errors import hold_row_lock
+
+SERVICE = "adaccounts.v1.AdAccountService"
+
+
+@pytest.fixture(scope="module")
+def metrics_server(database_url) -> Iterator[RunningServer]:
+    running = RunningServer(test_settings(database_url, METRICS_PORT=0, DB_POOL_SIZE=3, DB_MAX_OVERFLOW=2))
+    yield running
+    running.stop()
+
+
+def scrape(running: RunningServer) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """The raw text and every sample, keyed by (name, sorted labels)."""
+    port = running.app.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return text, samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def unary(method: str, **extra: str) -> dict[str, str]:
+    return {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": method, **extra}
+
+
+def test_metrics_move_with_traffic(metrics_server, clean_db):
+    _, before = scrape(metrics_server)
+    with grpc.insecure_channel(metrics_server.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        created = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
+        for _ in range(5):
+            stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id), timeout=5)
+        for request in (pb.GetAdAccountRequest(id=str(uuid.uuid4())), pb.GetAdAccountRequest(id="not-a-uuid")):
+            with pytest.raises(grpc.RpcError):
+                stub.GetAdAccount(request, timeout=5)
+    time.sleep(0.3)  # a call is counted just after its status is sent; and let a ping or two happen
+    text, after = scrape(metrics_server)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("grpc_server_started_total", **unary("GetAdAccount")) == 7
+    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="OK")) == 5
+    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="NOT_FOUND")) == 1
+    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="INVALID_ARGUMENT")) == 1
+    assert moved("grpc_server_handled_total", **unary("CreateAdAccount", grpc_code="OK")) == 1
+    assert moved("grpc_server_handling_seconds_count", **unary("GetAdAccount")) == 7
+    assert moved("grpc_server_handling_seconds_sum", **unary("GetAdAccount")) > 0
+    # Cumulative buckets: every one of the 7 calls took less than 10 s.
+    assert moved("grpc_server_handling_seconds_bucket", **unary("GetAdAccount", le="10.0")) == 7
+    assert value(after, "adaccounts_rpcs_in_flight", grpc_service=SERVICE, grpc_method="GetAdAccount") == 0
+
+    assert value(after, "adaccounts_db_pool_size") == 3
+    assert value(after, "adaccounts_db_pool_max_overflow") == 2
+    assert 0 <= value(after, "adaccounts_db_pool_checked_out") <= 5
+    assert value(after, "adaccounts_db_pool_overflow") >= 0
+    assert value(after, "adaccounts_health_serving") == 1
+    assert value(after, "adaccounts_db_ping_seconds_count") > value(before, "adaccounts_db_ping_seconds_count")
+    assert value(after, "adaccounts_db_ping_seconds_sum") > 0
+    assert "grpc_server_handling_seconds_bucket" in text
+
+
+def test_in_flight_and_checked_out_show_a_call_in_progress(metrics_server, clean_db, database_url):
+    with grpc.insecure_channel(metrics_server.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
+        release, holder = hold_row_lock(database_url, account.id)
+        try:
+            blocked = stub.UpdateAdAccount.future(
+                pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="waits")), timeout=20
+            )
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                _, samples = scrape(metrics_server)
+                busy = value(samples, "adaccounts_rpcs_in_flight", grpc_service=SERVICE, grpc_method="UpdateAdAccount")
+                if busy == 1 and value(samples, "adaccounts_db_pool_checked_out") >= 1:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the blocked update never showed as in flight with a connection checked out")
+        finally:
+            release.set()
+            holder.join()
+        blocked.result()
+
+
+def test_health_status_and_secrets_in_the_scrape(database_url):
+    password_url = database_url.set(password="Metr1csS3cret")  # trust auth: any password is accepted
+    token = "metrics-test-token-abcdef0123456789"
+    tokens = {hashlib.sha256(token.encode()).hexdigest(): {"name": "billing", "scope": "read"}}
+    running = RunningServer(test_settings(password_url, METRICS_PORT=0, AUTH_TOKENS=json.dumps(tokens)))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.AdAccountServiceStub(channel)
+            stub.ListAdAccounts(pb.ListAdAccountsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=5)
+            with pytest.raises(grpc.RpcError):
+                stub.ListAdAccounts(pb.ListAdAccountsRequest(), metadata=[("authorization", "Bearer x")], timeout=5)
+        time.sleep(0.2)
+        text, samples = scrape(running)
+    finally:
+        running.stop()
+    assert value(samples, "grpc_server_handled_total", **unary("ListAdAccounts", grpc_code="UNAUTHENTICATED")) == 1
+    for secret in ("Metr1csS3cret", token, tokens and next(iter(tokens))):
+        assert secret not in text
+
+
+def test_metrics_are_off_unless_a_port_is_set(server):
+    assert server.app.metrics_port is None
+
+
+def test_a_bad_metrics_port_is_one_line(database_url):
+    with pytest.raises(SettingsError) as raised:
+        test_settings(database_url, METRICS_PORT=70000)
+    assert str(raised.value).startswith("METRICS_PORT:")
+
+
+def test_health_gauge_is_zero_while_the_database_is_unreachable():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    running = RunningServer(test_settings(f"postgresql://postgres@127.0.0.1:{port}/x", METRICS_PORT=0))
+    try:
+        time.sleep(0.5)
+        _, samples = scrape(running)
+    finally:
+        running.stop()
+    assert value(samples, "adaccounts_health_serving") == 0
+    assert value(samples, "adaccounts_db_ping_seconds_count") == 0  # no ping answered
