@@ -34,16 +34,29 @@ _STATUS_IN = {pb.Status.Value(f"STATUS_{s.name}"): s for s in models.Status}
 _STATUS_OUT = {s: n for n, s in _STATUS_IN.items()}
 
 
+# Violations reported per call. The status travels in trailing metadata, which
+# gRPC clients refuse past 8-16 KiB: a thousand bad ids must still come back as
+# INVALID_ARGUMENT, not as the client's RESOURCE_EXHAUSTED.
+MAX_VIOLATIONS = 10
+
+
 class Violations:
-    """Collects every problem with a request so the caller learns them all at once."""
+    """Collects the problems with a request so the caller learns them (nearly) all at once."""
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
+        self.omitted = 0
 
     def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
+        if len(self.items) < MAX_VIOLATIONS:
+            self.items.append(FieldViolation(field, description))
+        else:
+            self.omitted += 1
 
     def raise_if_any(self) -> None:
+        if self.omitted:
+            self.items.append(FieldViolation("", f"and {self.omitted} more problems like these"))
+            self.omitted = 0
         if self.items:
             raise InvalidArgument(self.items)
 

@@ -154,7 +154,7 @@ class AdAccountRepository:
             raise NotFound(f"ad account {account_id} not found")
         if etag and etag != etag_of(row):
             raise Aborted(
-                f"ad account {account_id} has changed since it was read (etag {etag!r} is stale); "
+                f"ad account {account_id} has changed since it was read (the etag given is stale); "
                 "read it again and retry"
             )
         return row
