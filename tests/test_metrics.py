@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.config import SettingsError
@@ -153,3 +156,24 @@ def test_health_gauge_is_zero_while_the_database_is_unreachable():
         running.stop()
     assert value(samples, "adaccounts_health_serving") == 0
     assert value(samples, "adaccounts_db_ping_seconds_count") == 0  # no ping answered
+
+
+def test_the_readme_alert_rules_and_metrics_table_name_real_metrics(metrics_server):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    operating = readme[readme.index("## Operating") : readme.index("## Deploying")]
+    rules = yaml.safe_load(re.search(r"```yaml\n(.*?)```", operating, re.S).group(1))
+    alerts = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+    assert set(alerts) == {"AdAccountsErrorRatio", "AdAccountsLatencyP99", "AdAccountsNotServing"}
+    with grpc.insecure_channel(metrics_server.target) as channel:  # so that every per-call metric has a sample
+        pb_grpc.AdAccountServiceStub(channel).ListAdAccounts(pb.ListAdAccountsRequest(), timeout=5)
+    time.sleep(0.2)
+    text, _ = scrape(metrics_server)
+    exposed = {family.name for family in text_string_to_metric_families(text)}
+    exposed |= {f"{name}_total" for name in exposed} | {f"{name}_bucket" for name in exposed}
+    for name, expr in alerts.items():
+        for metric in re.findall(r"\b((?:grpc_server|adaccounts)_[a-z_]+)", expr):
+            assert metric in exposed, f"{name} uses {metric}, which the server does not expose"
+    table = re.findall(r"^\| `((?:grpc_server|adaccounts)_[a-z_]+)`", operating, re.M)
+    assert len(table) >= 7
+    for metric in table:
+        assert metric in exposed, f"the README lists {metric}, which the server does not expose"
