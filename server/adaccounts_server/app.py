@@ -72,6 +72,8 @@ class App:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
+                # One connection cannot take every worker thread and call slot for itself.
+                ("grpc.max_concurrent_streams", self.settings.GRPC_MAX_CONCURRENT_STREAMS),
             ],
         )
         server.add_generic_rpc_handlers((rpc_handlers(self.service),))

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     MAX_CONCURRENT_RPCS: Positive | None = None
     # Largest request or response; a bigger request is refused with RESOURCE_EXHAUSTED.
     GRPC_MAX_MESSAGE_BYTES: Positive = 4 * 1024 * 1024
+    # Calls one connection (one HTTP/2 connection) may have open at once; the client queues the rest.
+    GRPC_MAX_CONCURRENT_STREAMS: Positive = 100
 
     # Transport security: "off" (plaintext) is the default for now, so that `adaccounts serve`
     # works with no setup; "tls" serves GRPC_TLS_CERT_FILE/KEY_FILE; "mtls" also requires
