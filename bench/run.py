@@ -1,0 +1,556 @@
+"""The benchmark of issue 6: one table of throughput, latency and ratios against baselines.
+
+    python bench/run.py            # full: 100,000 rows, 10 s per case after a 2 s warm-up
+    python bench/run.py --smoke    # CI: 5,000 rows, 2 s per case, List's last page is page 100
+
+It seeds a throwaway PostgreSQL (never the shared one), starts `adaccounts serve` as a
+subprocess, drives it from separate load processes (loadgen.py) and prints one table. Every
+ratio compares two figures measured in this same run, because the machine is shared and
+noisy: absolute figures from another day say little. The goals are printed next to the
+ratios and never asserted: speed goals live here, not in the tests.
+
+Everything it starts (PostgreSQL, servers, load processes) is stopped and deleted on the
+way out, whether the run ends, fails, or is interrupted with Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psycopg2
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from adaccounts_server.config import Settings, load_settings
+from adaccounts_server.migrate import upgrade_to_head
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loadgen import ECHO_METHOD, Job, LoadProcesses, Outcome
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from pg_instance import ThrowawayPostgres, free_port  # noqa: E402  (tests/ is not a package)
+
+PAGE_TOKEN_SECRET = "bench-page-token-secret-0123456789"
+PAGE_SIZE = 50
+# The setting the pre-ping ratio needs the server to have (issue 6: "pre-ping on ÷ off").
+PRE_PING_SETTING = "DB_POOL_PRE_PING"
+SERVER_START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rows: int
+    warmup_s: float
+    duration_s: float
+
+    @property
+    def deep_page(self) -> int:
+        """The page List is timed on besides page 1: 2,000, or the last one of a smaller table."""
+        return min(2000, self.rows // PAGE_SIZE)
+
+
+FULL = Profile("full", rows=100_000, warmup_s=2.0, duration_s=10.0)
+SMOKE = Profile("smoke", rows=5_000, warmup_s=0.5, duration_s=2.0)
+
+
+@dataclass
+class Figures:
+    """One measured case: throughput and latency inside the window."""
+
+    ops: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    first_error: str
+
+    @classmethod
+    def of(cls, outcome: Outcome, duration_s: float) -> Figures:
+        latencies = sorted(outcome.latencies)
+
+        def percentile(q: float) -> float:
+            if not latencies:
+                return float("nan")
+            return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+        return cls(outcome.calls / duration_s, percentile(0.50), percentile(0.99), outcome.errors, outcome.first_error)
+
+
+# --- processes we start and must stop --------------------------------------------------------
+
+
+class Server:
+    """A server subprocess in its own process group, so that stopping it stops its workers too."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.log = workdir / (re.sub(r"[^A-Za-z0-9]+", "_", name) + ".log")
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                cwd=workdir,  # no stray .env file is read from the caller's directory
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
+            )
+
+    def wait_ready(self, ready: Callable[[], bool], port: int, processes: int) -> None:
+        """Until `ready()` and `processes` processes listen on `port` (so the load reaches all of them)."""
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not (ready() and _listeners(self.process.pid, port) >= processes):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready after {SERVER_START_TIMEOUT_S:g} s:\n{self.tail()}")
+            time.sleep(0.1)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, SIGKILL to whatever is left after a grace period."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(20)
+        with contextlib.suppress(ProcessLookupError):  # a worker that outlived its supervisor
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _listeners(pid: int, port: int) -> int:
+    """How many processes of `pid`'s tree listen on `port` (1 when psutil is missing: assume so)."""
+    try:
+        import psutil
+    except ImportError:
+        return 1
+    count = 0
+    try:
+        root = psutil.Process(pid)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                if any(c.laddr and c.laddr.port == port and c.status == "LISTEN" for c in process.net_connections()):
+                    count += 1
+    except psutil.Error:
+        pass
+    return count
+
+
+class RssSampler:
+    """Peak resident memory of a server's processes, sampled in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._stop = threading.Event()
+        self.peak_by_pid: dict[int, int] = {}
+        self.peak_total = 0
+        self.available = True
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            self.available = False
+            return
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self._pid)
+                total = 0
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        rss = process.memory_info().rss
+                        total += rss
+                        self.peak_by_pid[process.pid] = max(rss, self.peak_by_pid.get(process.pid, 0))
+                self.peak_total = max(self.peak_total, total)
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, profile: Profile, workdir: Path, cleanup: contextlib.ExitStack):
+        self.args = args
+        self.profile = profile
+        self.workdir = workdir
+        self.cleanup = cleanup
+        self.ids: list[str] = []
+        self.env: dict[str, str] = {}
+        self.load: LoadProcesses | None = None
+
+    def log(self, message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    # The database ---------------------------------------------------------------------------
+
+    def start_database(self) -> None:
+        self.log(f"starting a throwaway PostgreSQL and seeding {self.profile.rows:,} rows")
+        pg = ThrowawayPostgres("adaccounts_bench")
+        self.cleanup.callback(pg.cleanup)
+        pg.start()
+        upgrade_to_head(pg.url)
+        connection = psycopg2.connect(pg.dsn)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            # One statement: distinct create_times, so that page N is one definite page.
+            cursor.execute(
+                "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
+                " status, create_time, update_time, version)"
+                " SELECT gen_random_uuid(), md5((i %% 1000)::text)::uuid,"
+                " (ARRAY['META', 'GOOGLE', 'TIKTOK', 'X'])[1 + i %% 4], 'ext_' || i, 'Account ' || i, 'EUR',"
+                " 'Europe/Paris', (ARRAY['ACTIVE', 'PAUSED', 'ARCHIVED'])[1 + i %% 3],"
+                " '2026-01-01'::timestamptz + i * interval '1 second',"
+                " '2026-01-01'::timestamptz + i * interval '1 second', 1"
+                " FROM generate_series(1, %s) AS i",
+                (self.profile.rows,),
+            )
+            cursor.execute("VACUUM ANALYZE ad_accounts")
+            cursor.execute("SELECT id::text FROM ad_accounts ORDER BY random() LIMIT 20000")
+            self.ids = [row[0] for row in cursor.fetchall()]
+        connection.close()
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": pg.url.render_as_string(hide_password=False),
+            "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+            "LOG_LEVEL": "WARNING",
+            "GRPC_HOST": "127.0.0.1",
+            "SHUTDOWN_GRACE_S": "2",  # stopping between cases need not wait for long
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]),
+        }
+
+    def server_settings(self) -> Settings:
+        """The settings `adaccounts serve` will run with (for the thread count the baselines copy)."""
+        values = {k: v for k, v in self.env.items() if k in Settings.model_fields}
+        if self.args.threads:
+            values["GRPC_THREADS"] = str(self.args.threads)
+        return load_settings(**values, _env_file=None)
+
+    # Servers --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def server(
+        self,
+        name: str,
+        command: list[str],
+        ready: Callable[[str], bool],
+        port: int,
+        processes: int,
+        env: dict[str, str] | None = None,
+    ) -> Iterator[Server]:
+        self.log(f"starting {name}")
+        server = Server(name, command, env or self.env, self.workdir)
+        try:
+            target = f"127.0.0.1:{port}"
+            server.wait_ready(lambda: ready(target), port, processes)
+            yield server
+        finally:
+            server.stop()
+
+    def adaccounts(self, name: str, port: int, workers: int | None, **settings: str):  # type: ignore[no-untyped-def]
+        command = [sys.executable, "-m", "adaccounts_server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        if workers is not None:
+            command += ["--workers", str(workers)]
+        if self.args.threads:
+            command += ["--threads", str(self.args.threads)]
+        return self.server(name, command, _grpc_serving, port, workers or 1, {**self.env, **settings})
+
+    # Measuring ------------------------------------------------------------------------------
+
+    def measure(self, label: str, case: str, port: int, page_token: str = "") -> Figures:
+        assert self.load is not None
+        in_flight = self.args.in_flight // self.load.count
+        job = Job(
+            case=case,
+            target=f"127.0.0.1:{port}",
+            in_flight=in_flight,
+            connections=self.args.connections,
+            start_at=time.time() + 1.0,  # time for every process to connect first
+            warmup_s=self.profile.warmup_s,
+            duration_s=self.profile.duration_s,
+            ids=self.ids,
+            page_token=page_token,
+        )
+        figures = Figures.of(self.load.run(job), self.profile.duration_s)
+        self.log(
+            f"{label}: {figures.ops:,.0f} ops/s, p50 {figures.p50_ms:.1f} ms, p99 {figures.p99_ms:.1f} ms"
+            + (f", {figures.errors} errors (first: {figures.first_error})" if figures.errors else "")
+        )
+        return figures
+
+    def deep_page_token(self, port: int) -> str:
+        """The token of page `deep_page` (of 50), found by walking once before timing.
+
+        The walk asks for up to 1,000 rows a page (page_size may change between pages),
+        so reaching row 99,950 takes 100 calls rather than 1,999.
+        """
+        skip = (self.profile.deep_page - 1) * PAGE_SIZE
+        token = ""
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.AdAccountServiceStub(channel)
+            while skip:
+                page = stub.ListAdAccounts(pb.ListAdAccountsRequest(page_size=min(1000, skip), page_token=token))
+                skip -= len(page.ad_accounts)
+                token = page.next_page_token
+        return token
+
+    def run(self) -> list[Row]:
+        profile, args = self.profile, self.args
+        self.start_database()
+        self.load = LoadProcesses(args.load_processes)
+        self.cleanup.callback(self.load.close)
+        supports_workers = "--workers" in _serve_help()
+        has_pre_ping_setting = PRE_PING_SETTING in Settings.model_fields
+        workers = (args.workers or os.cpu_count() or 1) if supports_workers else None
+        processes = workers or 1
+        threads = self.server_settings().GRPC_THREADS
+        deep = f"List(50) page {profile.deep_page:,}"
+        figures: dict[str, Figures] = {}
+
+        port = free_port()
+        with self.adaccounts(f"adaccounts serve (workers {workers or 'n/a'})", port, workers) as server:
+            rss = RssSampler(server.process.pid)
+            try:
+                figures["GetAdAccount"] = self.measure("GetAdAccount", "get", port)
+                figures["BatchGet(100)"] = self.measure("BatchGet(100)", "batch_get", port)
+                figures["List(50) page 1"] = self.measure("List(50) page 1", "list", port)
+                figures[deep] = self.measure(deep, "list", port, self.deep_page_token(port))
+                figures["Create"] = self.measure("Create", "create", port)
+                figures["Update"] = self.measure("Update", "update", port)
+            finally:
+                rss.stop()
+
+        rest = f"baseline: REST GET, FastAPI + SQLModel, uvicorn, {processes} worker(s)"
+        if _rest_stack_installed():
+            port = free_port()
+            command = [sys.executable, "-m", "uvicorn", "rest_baseline:app", "--app-dir", str(ROOT / "bench")]
+            command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(processes)]
+            command += ["--log-level", "warning", "--no-access-log"]
+            env = {**self.env, "REST_THREADS": str(threads)}
+            # uvicorn's workers share the supervisor's socket: only one process listens.
+            with self.server("REST baseline", command, _http_ok, port, 1, env):
+                figures[rest] = self.measure(rest, "rest_get", port)
+
+        echo = "baseline: echo RPC, no database"
+        port = free_port()
+        command = [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(port)]
+        command += ["--workers", str(processes)]
+        env = {**self.env, **({"GRPC_THREADS": str(args.threads)} if args.threads else {})}
+        with self.server("echo server", command, _echo_answers, port, processes, env):
+            figures[echo] = self.measure(echo, "echo", port)
+
+        no_ping = "GetAdAccount, pre-ping off"
+        if has_pre_ping_setting:
+            port = free_port()
+            with self.adaccounts("adaccounts serve (pre-ping off)", port, workers, **{PRE_PING_SETTING: "false"}):
+                figures[no_ping] = self.measure(no_ping, "get", port)
+
+        if supports_workers:
+            for count in (1, 2):
+                label = f"GetAdAccount, --workers {count}"
+                if count == workers:
+                    figures[label] = figures["GetAdAccount"]
+                    continue
+                port = free_port()
+                with self.adaccounts(f"adaccounts serve (workers {count})", port, count):
+                    figures[label] = self.measure(label, "get", port)
+
+        return table_rows(
+            figures,
+            deep=deep,
+            rest=rest,
+            echo=echo,
+            no_ping=no_ping,
+            in_flight=args.in_flight,
+            rss=rss,
+            notes={
+                "rest": "n/a: pip install -e '.[bench]'",
+                "pre_ping": f"n/a: the server has no {PRE_PING_SETTING} setting",
+                "workers": "n/a: adaccounts serve has no --workers",
+            },
+        )
+
+
+def _serve_help() -> str:
+    command = [sys.executable, "-m", "adaccounts_server.cli", "serve", "--help"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
+
+
+def _rest_stack_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn", "aiohttp"))
+
+
+def _grpc_serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        except grpc.RpcError:
+            return False
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _echo_answers(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        echo = channel.unary_unary(
+            ECHO_METHOD,
+            request_serializer=pb.GetAdAccountRequest.SerializeToString,
+            response_deserializer=pb.AdAccount.FromString,
+        )
+        try:
+            echo(pb.GetAdAccountRequest(id="x"), timeout=1)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def _http_ok(target: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{target}/healthz", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    figures: Figures | None = None
+    value: str = ""
+    goal: str = ""
+    met: str = ""
+
+
+def _ratio(name: str, numerator: float | None, denominator: float | None, goal: str, missing: str) -> Row:
+    """A ratio row; the goal is '>= x' or '<= x', printed with whether it is met."""
+    if numerator is None or denominator is None or not denominator or numerator != numerator:
+        return Row(name, value="n/a", goal=goal, met=missing)
+    ratio = numerator / denominator
+    limit = float(goal.split()[-1])
+    met = ratio >= limit if goal.startswith("≥") else ratio <= limit
+    return Row(name, value=f"{ratio:.2f}", goal=goal, met="yes" if met else "no")
+
+
+def table_rows(
+    figures: dict[str, Figures],
+    *,
+    deep: str,
+    rest: str,
+    echo: str,
+    no_ping: str,
+    in_flight: int,
+    rss: RssSampler,
+    notes: dict[str, str],
+) -> list[Row]:
+    def ops(name: str) -> float | None:
+        return figures[name].ops if name in figures else None
+
+    get = figures["GetAdAccount"]
+    first_page = figures["List(50) page 1"]
+    rows = [Row(name, figures=value) for name, value in figures.items()]
+    rows += [
+        _ratio("ratio 1: Get ÷ REST GET", get.ops, ops(rest), "≥ 2.5", notes["rest"]),
+        _ratio("ratio 2: Get ÷ echo RPC", get.ops, ops(echo), "≥ 0.6", ""),
+        _ratio("ratio 3: Get, pre-ping on ÷ off", get.ops, ops(no_ping), "≥ 0.95", notes["pre_ping"]),
+        _ratio(
+            "ratio 4: Get, --workers 2 ÷ --workers 1",
+            ops("GetAdAccount, --workers 2"),
+            ops("GetAdAccount, --workers 1"),
+            "≥ 1.5",
+            notes["workers"],
+        ),
+        _ratio(f"ratio 5: {deep} p50 ÷ page 1 p50", figures[deep].p50_ms, first_page.p50_ms, "≤ 1.2", ""),
+        _ratio(f"ratio 6: Get p99 ÷ p50 at {in_flight} in flight", get.p99_ms, get.p50_ms, "≤ 4", ""),
+    ]
+    if rss.available and rss.peak_by_pid:
+        # With workers, the supervisor is the tree's root and each worker a child; without, the one process.
+        pids = sorted(rss.peak_by_pid)
+        worker_peaks = [rss.peak_by_pid[p] for p in pids if p != min(pids)] or list(rss.peak_by_pid.values())
+        value = f"{max(worker_peaks) / 2**20:.0f} MiB max of {len(worker_peaks)}"
+        value += f"; all {len(pids)} processes {rss.peak_total / 2**20:.0f} MiB"
+        rows.append(Row("peak RSS per server worker", value=value))
+    else:
+        rows.append(Row("peak RSS per server worker", value="n/a", met="n/a: pip install psutil"))
+    return rows
+
+
+def render(rows: list[Row], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| row | ops/s | p50 ms | p99 ms | errors | ratio | goal | met |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        f = row.figures
+        numbers = [f"{f.ops:,.0f}", f"{f.p50_ms:.1f}", f"{f.p99_ms:.1f}", str(f.errors)] if f else ["", "", "", ""]
+        lines.append("| " + " | ".join([row.name, *numbers, row.value, row.goal, row.met]) + " |")
+    errors = [(row.name, row.figures.first_error) for row in rows if row.figures and row.figures.errors]
+    lines += [f"first error in {name}: {error}" for name, error in errors]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="adaccounts benchmark (issue 6)")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds per case, 5,000 rows (CI)")
+    parser.add_argument("--workers", type=int, help="server processes (default: the number of CPUs, if supported)")
+    parser.add_argument("--threads", type=int, help="the server's GRPC_THREADS (default: its own default)")
+    parser.add_argument("--in-flight", type=int, default=64, help="calls in flight, over all load processes")
+    parser.add_argument("--load-processes", type=int, default=2, help="separate load-generator processes")
+    parser.add_argument("--connections", type=int, default=4, help="gRPC connections per load process")
+    args = parser.parse_args(argv)
+    profile = SMOKE if args.smoke else FULL
+
+    # Ctrl-C (even when started in the background, where SIGINT is inherited ignored) and
+    # SIGTERM both unwind through the cleanup below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    started = time.monotonic()
+    with contextlib.ExitStack() as cleanup:
+        workdir = Path(tempfile.mkdtemp(prefix="adaccounts-bench-"))
+        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        bench = Bench(args, profile, workdir, cleanup)
+        rows = bench.run()
+    header = (
+        f"adaccounts benchmark, {profile.name}: {profile.rows:,} rows; {args.in_flight} calls in flight from "
+        f"{args.load_processes} load processes ({args.connections} gRPC connections each); "
+        f"{profile.duration_s:g} s per case after {profile.warmup_s:g} s warm-up; {os.cpu_count()} CPUs; "
+        f"took {time.monotonic() - started:.0f} s"
+    )
+    if profile.deep_page != 2000:
+        header += f"\n(smoke: List's deep page is page {profile.deep_page:,}, the last one, not 2,000)"
+    print(render(rows, header), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("[bench] interrupted: everything it started has been stopped", file=sys.stderr)
+        sys.exit(130)
