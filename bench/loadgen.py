@@ -208,7 +208,7 @@ async def _drive(job: Job, calls: list) -> Outcome:  # type: ignore[type-arg]
             try:
                 await call()
             except Exception as exc:
-                error = f"{type(exc).__name__}: {getattr(exc, 'details', lambda: '')() or exc}"
+                error = _describe(exc)
             elapsed = time.perf_counter() - started
             if measure_from <= time.time() <= measure_to:
                 outcome.calls += 1
@@ -220,3 +220,11 @@ async def _drive(job: Job, calls: list) -> Outcome:  # type: ignore[type-arg]
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
     await asyncio.gather(*(slot(calls[i % len(calls)]) for i in range(job.in_flight)))
     return outcome
+
+
+def _describe(error: Exception) -> str:
+    """One line: a gRPC status and its details, else the exception."""
+    code = getattr(error, "code", None)
+    if callable(code):  # grpc.aio.AioRpcError
+        return f"{code().name}: {error.details()}"  # type: ignore[attr-defined]
+    return f"{type(error).__name__}: {error}"
