@@ -46,8 +46,8 @@ from pg_instance import ThrowawayPostgres, free_port  # noqa: E402  (tests/ is n
 
 PAGE_TOKEN_SECRET = "bench-page-token-secret-0123456789"
 PAGE_SIZE = 50
-# The setting the pre-ping ratio needs the server to have (issue 6: "pre-ping on ÷ off").
-PRE_PING_SETTING = "DB_POOL_PRE_PING"
+# The setting that turns the pre-ping protection off, for "pre-ping on ÷ off" (--pre-ping-off).
+PRE_PING_OFF = "DB_POOL_PRE_PING=false"
 SERVER_START_TIMEOUT_S = 60.0
 
 
@@ -351,7 +351,7 @@ class Bench:
         self.load = LoadProcesses(args.load_processes)
         self.cleanup.callback(self.load.close)
         supports_workers = "--workers" in _serve_help()
-        has_pre_ping_setting = PRE_PING_SETTING in Settings.model_fields
+        pre_ping_setting, _, pre_ping_off = args.pre_ping_off.partition("=")
         workers = (args.workers or os.cpu_count() or 1) if supports_workers else None
         processes = workers or 1
         threads = self.server_settings().GRPC_THREADS
@@ -391,9 +391,9 @@ class Bench:
             figures[echo] = self.measure(echo, "echo", port)
 
         no_ping = "GetAdAccount, pre-ping off"
-        if has_pre_ping_setting:
+        if pre_ping_setting in Settings.model_fields:
             port = free_port()
-            with self.adaccounts("adaccounts serve (pre-ping off)", port, workers, **{PRE_PING_SETTING: "false"}):
+            with self.adaccounts("adaccounts serve (pre-ping off)", port, workers, **{pre_ping_setting: pre_ping_off}):
                 figures[no_ping] = self.measure(no_ping, "get", port)
 
         if supports_workers:
@@ -416,7 +416,7 @@ class Bench:
             rss=rss,
             notes={
                 "rest": "n/a: pip install -e '.[bench]'",
-                "pre_ping": f"n/a: the server has no {PRE_PING_SETTING} setting",
+                "pre_ping": f"n/a: the server has no {pre_ping_setting} setting",
                 "workers": "n/a: adaccounts serve has no --workers",
             },
         )
@@ -545,7 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight, over all load processes")
     parser.add_argument("--load-processes", type=int, default=2, help="separate load-generator processes")
     parser.add_argument("--connections", type=int, default=4, help="gRPC connections per load process")
+    parser.add_argument(
+        "--pre-ping-off",
+        default=PRE_PING_OFF,
+        metavar="SETTING=VALUE",
+        help=f"the server setting that turns pre-ping off (default: {PRE_PING_OFF})",
+    )
     args = parser.parse_args(argv)
+    if args.in_flight % args.load_processes:
+        parser.error("--in-flight must be a multiple of --load-processes")
     profile = SMOKE if args.smoke else FULL
 
     # Ctrl-C (even when started in the background, where SIGINT is inherited ignored) and
