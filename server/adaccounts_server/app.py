@@ -24,6 +24,7 @@ from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 from .service import SERVICE_NAME, AdAccountService, rpc_handlers
 from .tls import server_credentials
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class App:
             settings.max_concurrent_rpcs,
         )
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
+        self.tracing = Tracing(settings) if settings.TRACING != "off" else None
+        if self.tracing is not None:
+            self.tracing.trace_engine(self.database.engine)
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         if settings.METRICS_PORT is not None:
@@ -66,7 +70,11 @@ class App:
 
     def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(Authenticator(self.settings.auth_tokens), self.metrics)],
+            interceptors=[
+                # Tracing outermost, so that the call's span covers everything else.
+                *([self.tracing.interceptor] if self.tracing is not None else []),
+                CallInterceptor(Authenticator(self.settings.auth_tokens), self.metrics),
+            ],
             options=[
                 # Never share a port with another server by accident.
                 ("grpc.so_reuseport", 0),
@@ -144,6 +152,8 @@ class App:
         self.database.dispose()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.tracing is not None:
+            self.tracing.stop()
         log.info("stopped")
 
     async def run_until_signalled(self) -> None:

@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     GRPC_REFLECTION: bool = True
     # Prometheus metrics over HTTP at http://GRPC_HOST:METRICS_PORT/metrics; unset: off; 0: any free port.
     METRICS_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = None
+    # OpenTelemetry traces (each call and its SQL), sent over OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT.
+    TRACING: Literal["off", "otlp"] = "off"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -122,6 +124,12 @@ class Settings(BaseSettings):
         _check_url("DATABASE_URL", lambda: self.database_url)
         _check_tls(self)
         _ = self.auth_tokens  # parse now: a bad entry stops the program at start, in one line
+        if self.TRACING != "off":
+            from .tracing import check_installed
+
+            missing = check_installed()
+            if missing:
+                raise ValueError(f"TRACING: {missing}")
         if self.MIGRATION_DATABASE_URL is not None:
             _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
         secret = self.PAGE_TOKEN_SECRET

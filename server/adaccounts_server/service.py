@@ -9,6 +9,7 @@ to that pool and maps whatever it raises to a status in one place (errors).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -126,7 +127,9 @@ class AdAccountService:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidArgument.field("", request.description)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, run_in_scope, scope, work, request)
+            # In a copy of the call's context: its trace span and request id reach the worker thread.
+            call_context = contextvars.copy_context()
+            return await loop.run_in_executor(self._executor, call_context.run, run_in_scope, scope, work, request)
         except asyncio.CancelledError:
             # The caller cancelled or its deadline passed: stop the query too. cancel()
             # talks to PostgreSQL, so keep it off the event loop.
