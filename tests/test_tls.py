@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +153,25 @@ def test_tls_settings_are_checked_in_one_line(database_url, pki, tmp_path, mode,
     message = str(raised.value)
     assert message.startswith(named), message
     assert "\n" not in message
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    adaccounts = shutil.which("adaccounts")
+    assert adaccounts, "pip install -e '.[test]'"
+    return subprocess.run([adaccounts, "check", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_adaccounts_check_speaks_mtls(mtls_server, pki):
+    target = ["--target", mtls_server.target, "--service", "liveness"]
+    ca, client = str(pki["ca"].cert), pki["client"]
+    good = check(*target, "--ca", ca, "--cert", str(client.cert), "--key", str(client.key))
+    assert (good.returncode, good.stdout.strip()) == (0, f"{mtls_server.target} 'liveness': SERVING"), good.stderr
+    no_cert = check(*target, "--ca", ca)
+    assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stdout
+    plaintext = check(*target)
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stdout
+    for bad in (["--ca", ca, "--cert", str(client.cert)], ["--cert", str(client.cert), "--key", str(client.key)]):
+        usage = check(*target, *bad)
+        assert usage.returncode == 2 and "--cert and --key go together" in usage.stderr
+    missing = check(*target, "--ca", "/nonexistent/ca.pem")
+    assert missing.returncode == 2 and "cannot read /nonexistent/ca.pem" in missing.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--target", help="host:port of the server (default: localhost:GRPC_PORT)")
     check.add_argument("--service", default="", help="health service name (default: '' = the whole server)")
     check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    check.add_argument("--ca", metavar="FILE", help="connect with TLS, trusting this CA (PEM): GRPC_TLS=tls|mtls")
+    check.add_argument("--cert", metavar="FILE", help="with --ca: a client certificate (PEM), for GRPC_TLS=mtls")
+    check.add_argument("--key", metavar="FILE", help="the private key (PEM) of --cert")
 
     args = parser.parse_args(argv)
     sys.exit({"serve": _serve, "migrate": _migrate, "check": _check}[args.command](args))
@@ -123,7 +127,21 @@ def _check(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or f"localhost:{_settings().GRPC_PORT}"
-    with grpc.insecure_channel(target) as channel:
+    if (args.cert is None) != (args.key is None) or (args.cert and not args.ca):
+        print("adaccounts check: --cert and --key go together, and with --ca", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        paths = {"ca": args.ca, "cert": args.cert, "key": args.key}
+        files = {name: Path(path).read_bytes() for name, path in paths.items() if path}
+    except OSError as error:
+        print(f"adaccounts check: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.ca:
+        credentials = grpc.ssl_channel_credentials(files["ca"], files.get("key"), files.get("cert"))
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
