@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import queue
 import random
 import signal
 import time
@@ -76,19 +77,33 @@ class LoadProcesses:
         """Run `job` in every process at once; the merged outcome."""
         for inbox in self._inboxes:
             inbox.put(job)
-        timeout = job.start_at - time.time() + job.warmup_s + job.duration_s + 60
+        deadline = job.start_at + job.warmup_s + job.duration_s + 60
         merged = Outcome()
         for _ in self._processes:
-            part: Outcome = self._results.get(timeout=max(timeout, 1))
+            part = self._next_result(deadline)
             merged.calls += part.calls
             merged.errors += part.errors
             merged.first_error = merged.first_error or part.first_error
             merged.latencies.extend(part.latencies)
         return merged
 
+    def _next_result(self, deadline: float) -> Outcome:
+        """The next process's outcome; fail at once if one has died rather than wait for it."""
+        while True:
+            try:
+                return self._results.get(timeout=1)
+            except queue.Empty:
+                dead = [p.name for p in self._processes if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"load process {', '.join(dead)} died") from None
+                if time.time() > deadline:
+                    raise RuntimeError("load processes gave no result in time") from None
+
     def close(self) -> None:
         """Stop every process: ask politely, then terminate whatever is still running a job."""
         for inbox in self._inboxes:
+            # Never wait at exit to flush a job into the pipe of a process that is gone.
+            inbox.cancel_join_thread()
             inbox.put(None)
         for process in self._processes:
             process.join(2)
