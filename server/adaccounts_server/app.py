@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # What stop() leaves to gRPC itself once our own drain is over: long-lived
 # health Watch streams are cancelled, nothing else should still be running.
 _FINAL_STOP_GRACE_S = 1.0
+# How long calls on a connection past GRPC_MAX_CONNECTION_AGE_S may take to finish.
+_CONNECTION_AGE_GRACE_S = 30.0
 # How long serve() lets idle worker threads notice the executors shut down.
 _THREAD_EXIT_WAIT_S = 1.0
 
@@ -38,8 +40,9 @@ _THREAD_EXIT_WAIT_S = 1.0
 class App:
     """One server process: the engine, the worker threads, the gRPC server, the health monitor."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.database = Database(settings)
         self.executor = ThreadPoolExecutor(max_workers=settings.GRPC_THREADS, thread_name_prefix="rpc")
         self.service = AdAccountService(
@@ -76,8 +79,12 @@ class App:
                 CallInterceptor(Authenticator(self.settings.auth_tokens), self.metrics),
             ],
             options=[
-                # Never share a port with another server by accident.
-                ("grpc.so_reuseport", 0),
+                # Share the port only among `--workers` processes, never with another server by accident.
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                # A connection sticks to the process that accepted it: closing it now and then
+                # (gracefully, after GOAWAY) lets clients rebalance over workers and new pods.
+                ("grpc.max_connection_age_ms", round(self.settings.GRPC_MAX_CONNECTION_AGE_S * 1000)),
+                ("grpc.max_connection_age_grace_ms", round(_CONNECTION_AGE_GRACE_S * 1000)),
                 ("grpc.max_receive_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
                 # One connection cannot take every worker thread and call slot for itself.
@@ -167,8 +174,8 @@ class App:
         await self.stop()
 
 
-def serve(settings: Settings) -> None:
-    asyncio.run(App(settings).run_until_signalled())
+def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    asyncio.run(App(settings, reuse_port=reuse_port).run_until_signalled())
     stuck = _threads_still_running(_THREAD_EXIT_WAIT_S)
     if stuck:
         # Threads still blocked in the database after the grace period (waiting

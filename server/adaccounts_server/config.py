@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     DB_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 2  # headroom for the health monitor
     DB_POOL_TIMEOUT: Seconds = 2.0
     DB_POOL_RECYCLE: Seconds = 1800.0
+    # Test each connection with a round trip before lending it (safe across database restarts).
+    DB_POOL_PRE_PING: bool = True
     DB_CONNECT_TIMEOUT: Positive = 3
     # No statement runs longer than this, nor longer than its caller's deadline.
     DB_STATEMENT_TIMEOUT_MAX_S: Seconds = 30.0
@@ -86,6 +88,10 @@ class Settings(BaseSettings):
     MAX_CONCURRENT_RPCS: Positive | None = None
     # Largest request or response; a bigger request is refused with RESOURCE_EXHAUSTED.
     GRPC_MAX_MESSAGE_BYTES: Positive = 4 * 1024 * 1024
+    # Connections are closed gracefully after this long, so clients rebalance.
+    GRPC_MAX_CONNECTION_AGE_S: Seconds = 300.0
+    # Server processes sharing the port (`serve --workers`); default: the CPUs available.
+    GRPC_WORKERS: Positive | None = None
     # Calls one connection (one HTTP/2 connection) may have open at once; the client queues the rest.
     GRPC_MAX_CONCURRENT_STREAMS: Positive = 100
 

@@ -143,7 +143,7 @@ def build_engine(settings: Settings) -> Engine:
     if url.get_backend_name() == "sqlite":
         engine = create_engine(
             url,
-            pool_pre_ping=True,
+            pool_pre_ping=settings.DB_POOL_PRE_PING,
             pool_size=settings.pool_size,
             max_overflow=settings.DB_MAX_OVERFLOW,
             pool_timeout=settings.DB_POOL_TIMEOUT,
@@ -154,7 +154,7 @@ def build_engine(settings: Settings) -> Engine:
         return engine
     return create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=settings.DB_POOL_PRE_PING,
         pool_size=settings.pool_size,
         max_overflow=settings.DB_MAX_OVERFLOW,
         pool_timeout=settings.DB_POOL_TIMEOUT,
