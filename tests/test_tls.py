@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +176,26 @@ def test_adaccounts_check_speaks_mtls(mtls_server, pki):
         assert usage.returncode == 2 and "--cert and --key go together" in usage.stderr
     missing = check(*target, "--ca", "/nonexistent/ca.pem")
     assert missing.returncode == 2 and "cannot read /nonexistent/ca.pem" in missing.stderr
+
+
+def test_plaintext_health_port_serves_probes_and_nothing_else(database_url, pki):
+    """Kubernetes' native gRPC probes cannot do TLS: GRPC_HEALTH_PORT gives them health alone."""
+    settings = tls_settings(database_url, "mtls", pki["server"], pki["ca"].cert, GRPC_HEALTH_PORT=0)
+    running = RunningServer(settings)
+    try:
+        health_target = f"127.0.0.1:{running.app.health_port}"
+        with grpc.insecure_channel(health_target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "liveness", "readiness"):
+                deadline = time.monotonic() + 10
+                while health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status != (
+                    health_pb2.HealthCheckResponse.SERVING
+                ):
+                    assert time.monotonic() < deadline, f"{service!r} never SERVING on the health port"
+                    time.sleep(0.1)
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.AdAccountServiceStub(channel).ListAdAccounts(pb.ListAdAccountsRequest(), timeout=2)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        refused(running.target, None)  # the main port still requires mutual TLS
+    finally:
+        running.stop()

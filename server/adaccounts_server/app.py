@@ -69,6 +69,8 @@ class App:
                 )
             )
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self.port = 0
 
     def _build_server(self) -> grpc.aio.Server:
@@ -104,6 +106,13 @@ class App:
             )
         return server
 
+    def _build_health_server(self) -> grpc.aio.Server:
+        """grpc.health.v1 alone, in plaintext: for probes that cannot do TLS. It answers
+        from the same statuses as the main port and exposes nothing else."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
+        return server
+
     async def start(self) -> int:
         """Bind, start serving and start the health monitor; returns the bound port."""
         settings = self.settings
@@ -122,6 +131,13 @@ class App:
                 self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError as error:
             raise OSError(f"cannot listen on {address}: {error}") from None
+        if settings.GRPC_HEALTH_PORT is not None:
+            self.health_server = self._build_health_server()
+            health_address = f"{settings.GRPC_HOST}:{settings.GRPC_HEALTH_PORT}"
+            try:
+                self.health_port = self.health_server.add_insecure_port(health_address)
+            except RuntimeError as error:
+                raise OSError(f"cannot listen on {health_address}: {error}") from None
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(settings.GRPC_HOST, settings.METRICS_PORT or 0)
             log.info("metrics on http://%s:%d/metrics", settings.GRPC_HOST, self.metrics_port)
@@ -129,6 +145,9 @@ class App:
         # would otherwise answer SERVING for "" until the first ping.
         await self.monitor.start()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+            log.info("health only, plaintext, on %s:%d", settings.GRPC_HOST, self.health_port)
         log.info(
             "serving adaccounts.v1 on %s:%d, %s (%d worker threads, pool %d+%d)",
             settings.GRPC_HOST,
@@ -155,6 +174,8 @@ class App:
         remaining = max(0.0, grace - (time.monotonic() - started))
         if self.server is not None:
             await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.database.dispose()
         if self.metrics is not None:

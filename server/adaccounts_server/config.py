@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     AUTH_TOKENS: SecretStr | None = None
     # gRPC server reflection (what grpcurl lists and describes); like health, it needs no token.
     GRPC_REFLECTION: bool = True
+    # A second, plaintext port that serves only grpc.health.v1 (unset: none). Kubernetes'
+    # native gRPC probes cannot speak TLS, so with GRPC_TLS=tls|mtls point them here.
+    GRPC_HEALTH_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = None
     # Prometheus metrics over HTTP at http://GRPC_HOST:METRICS_PORT/metrics; unset: off; 0: any free port.
     METRICS_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = None
     # OpenTelemetry traces (each call and its SQL), sent over OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT.
