@@ -100,3 +100,13 @@ def test_workers_refuse_a_port_that_is_taken(serve, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert str(port) in result.stderr
+
+
+def test_default_workers_respect_a_cgroup_cpu_quota(tmp_path):
+    from adaccounts_server.workers import _cgroup_cpu_quota
+
+    limits = tmp_path / "cpu.max"
+    for text, expected in (("max 100000", None), ("150000 100000", 1.5), ("200000 100000", 2.0), ("", None)):
+        limits.write_text(text)
+        assert _cgroup_cpu_quota(str(limits)) == expected
+    assert _cgroup_cpu_quota(str(tmp_path / "absent")) is None
