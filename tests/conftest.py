@@ -24,6 +24,14 @@ from sqlalchemy.engine import URL, make_url
 # The PostgreSQL this machine runs (trust auth); override to use another.
 ADMIN_URL = os.environ.get("ADACCOUNTS_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PAGE_TOKEN_SECRET = "tests-page-token-secret-0123456789"
+# Every variable the server reads as a setting: a test's subprocess or Settings must not
+# pick up one the machine running the tests happens to have.
+SETTING_NAMES = frozenset(name.upper() for name in Settings.model_fields)
+
+
+def without_settings(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` minus every variable that is a server setting."""
+    return {name: value for name, value in environ.items() if name.upper() not in SETTING_NAMES}
 
 
 def test_settings(database_url: URL | str, **overrides: object) -> Settings:

@@ -22,7 +22,7 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.migrate import upgrade_to_head
-from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_database, new_account
+from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_database, new_account, without_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
@@ -31,17 +31,6 @@ ADACCOUNTS = shutil.which("adaccounts", path=str(Path(sys.executable).parent)) o
 TIMEOUT_S = 15.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 HEAD_REVISION = "0002"
-# Settings the machine running the tests may have; every subprocess starts without them.
-SETTING_PREFIXES = (
-    "DATABASE_URL",
-    "POSTGRES_",
-    "GRPC_",
-    "DB_",
-    "HEALTH_",
-    "SHUTDOWN_",
-    "PAGE_TOKEN_SECRET",
-    "LOG_LEVEL",
-)
 # Reconnect quickly while polling a server that is still starting.
 FAST_RECONNECT = [
     ("grpc.use_local_subchannel_pool", 1),
@@ -58,7 +47,7 @@ def _console_script() -> None:
 
 
 def clean_env(**settings: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.upper().startswith(SETTING_PREFIXES)}
+    env = without_settings(dict(os.environ))
     env.update(settings)
     return env
 

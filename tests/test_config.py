@@ -15,19 +15,18 @@ from adaccounts_server.config import (
     SettingsError,
     load_settings,
 )
+from conftest import without_settings
 from pydantic import ValidationError
 
 SECRET = "page-token-secret-0123456789"
 PASSWORD = "Sup3rS3cretPassw0rd"
-PREFIXES = ("DATABASE_URL", "POSTGRES_", "GRPC_", "DB_", "HEALTH_", "SHUTDOWN_", "PAGE_TOKEN_SECRET", "LOG_LEVEL")
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No setting from the machine running the tests, and no .env in the cwd."""
-    for name in list(os.environ):
-        if name.upper().startswith(PREFIXES):
-            monkeypatch.delenv(name)
+    for name in set(os.environ) - set(without_settings(dict(os.environ))):
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 
 

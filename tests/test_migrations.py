@@ -40,7 +40,15 @@ from adaccounts_server.migrate import (
 )
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, RunningServer, create_database, drop_database, new_account
+from conftest import (
+    ADMIN_URL,
+    PAGE_TOKEN_SECRET,
+    RunningServer,
+    create_database,
+    drop_database,
+    new_account,
+    without_settings,
+)
 from conftest import test_settings as server_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pg_instance import wait_until
@@ -54,17 +62,6 @@ HEAD = "0002"
 NEW_INDEXES = ("ix_ad_accounts_owner_id_update_time_id", "ix_ad_accounts_owner_id_name_id")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SETTING_PREFIXES = (
-    "DATABASE_URL",
-    "MIGRATION_",
-    "POSTGRES_",
-    "GRPC_",
-    "DB_",
-    "HEALTH_",
-    "SHUTDOWN_",
-    "PAGE_TOKEN_SECRET",
-    "LOG_LEVEL",
-)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -108,7 +105,7 @@ def indexes(url: URL) -> dict[str, bool]:
 def run(*args: str, timeout: float = 30, **settings: str) -> subprocess.CompletedProcess[str]:
     """`adaccounts ARGS` in a subprocess with only the given settings."""
     assert ADACCOUNTS is not None, "the `adaccounts` console script is not installed"
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(SETTING_PREFIXES)}
+    env = without_settings(dict(os.environ))
     env.update(settings)
     return subprocess.run(
         [ADACCOUNTS, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT / "tests"
@@ -117,7 +114,7 @@ def run(*args: str, timeout: float = 30, **settings: str) -> subprocess.Complete
 
 def spawn(*args: str, **settings: str) -> subprocess.Popen[str]:
     assert ADACCOUNTS is not None
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(SETTING_PREFIXES)}
+    env = without_settings(dict(os.environ))
     env.update(settings)
     return subprocess.Popen(
         [ADACCOUNTS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT / "tests"
@@ -265,9 +262,8 @@ def test_an_invalid_migration_database_url_exits_2_naming_it() -> None:
 
 
 def test_migration_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(SETTING_PREFIXES):
-            monkeypatch.delenv(name)
+    for name in set(os.environ) - set(without_settings(dict(os.environ))):
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no .env
     settings = load_settings(_env_file=None, MIGRATION_DATABASE_URL="postgresql://m:pw@db/app")
     assert settings.migration_database_url.drivername == "postgresql+psycopg2"
