@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     DB_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 2  # headroom for the health monitor
     DB_POOL_TIMEOUT: Seconds = 2.0
     DB_POOL_RECYCLE: Seconds = 1800.0
-    # Test each connection with a round trip before lending it (safe across database restarts).
+    # Test a pooled connection with a round trip before lending it, when it has been idle
+    # longer than DB_POOL_PRE_PING_IDLE_S (busy connections are not pinged: a dead one is
+    # found by its first statement, which discards every older connection and, for reads,
+    # is retried once). `false` only to measure the cost (bench/).
     DB_POOL_PRE_PING: bool = True
+    DB_POOL_PRE_PING_IDLE_S: Annotated[float, Field(ge=0)] = 1.0
     DB_CONNECT_TIMEOUT: Positive = 3
     # No statement runs longer than this, nor longer than its caller's deadline.
     DB_STATEMENT_TIMEOUT_MAX_S: Seconds = 30.0

@@ -39,8 +39,7 @@ class AdAccountRepository:
         self._db = database
 
     def get(self, account_id: uuid.UUID) -> AdAccount:
-        with self._db.session() as session:
-            row = session.get(AdAccount, account_id)
+        row = self._db.read(lambda session: session.get(AdAccount, account_id))
         if row is None:
             raise NotFound(f"ad account {account_id} not found")
         return row
@@ -49,8 +48,8 @@ class AdAccountRepository:
         """The rows in the order of `ids`; NOT_FOUND naming every id that does not exist."""
         if not ids:
             return []
-        with self._db.session() as session:
-            rows = session.scalars(sa.select(AdAccount).where(T.id.in_(set(ids)))).all()
+        query = sa.select(AdAccount).where(T.id.in_(set(ids)))
+        rows = self._db.read(lambda session: session.scalars(query).all())
         by_id = {row.id: row for row in rows}
         missing = list(dict.fromkeys(i for i in ids if i not in by_id))
         if missing:
@@ -80,8 +79,7 @@ class AdAccountRepository:
             query = query.order_by(key_column.desc(), T.id.desc())
         else:
             query = query.order_by(key_column.asc(), T.id.asc())
-        with self._db.session() as session:
-            rows = list(session.scalars(query.limit(page_size + 1)))
+        rows = self._db.read(lambda session: list(session.scalars(query.limit(page_size + 1))))
         if len(rows) <= page_size:
             return rows, None
         rows = rows[:page_size]
