@@ -1,0 +1,84 @@
+"""Round trips per call, counted in a throwaway PostgreSQL's statement log, so they
+cannot creep back unnoticed (issue 6). Speed itself lives in bench/, not here."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import grpc
+import psycopg2
+import pytest
+from adaccounts.v1 import ad_accounts_pb2 as pb
+from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from conftest import RunningServer, new_account, test_settings
+from pg_instance import ThrowawayPostgres
+
+
+@pytest.fixture
+def logged_server(throwaway_pg: ThrowawayPostgres):
+    """A one-connection server whose every statement the throwaway PostgreSQL logs."""
+    admin = psycopg2.connect(throwaway_pg.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
+    marker = psycopg2.connect(throwaway_pg.dsn)  # opened after the ALTER: its markers are logged
+    marker.autocommit = True
+    running = RunningServer(
+        test_settings(
+            throwaway_pg.url,
+            GRPC_THREADS=1,
+            DB_POOL_SIZE=1,
+            DB_MAX_OVERFLOW=0,
+            HEALTH_CHECK_INTERVAL_S=3600,  # one ping at start, then quiet
+            DB_POOL_PRE_PING_IDLE_S=0.5,
+        )
+    )
+    try:
+        yield running, marker
+    finally:
+        running.stop()
+        marker.close()
+        with admin.cursor() as cursor:
+            cursor.execute(f'ALTER DATABASE "{throwaway_pg.database}" RESET log_statement')
+        admin.close()
+
+
+def statements_during(pg: ThrowawayPostgres, marker, call) -> list[str]:  # type: ignore[no-untyped-def]
+    """The statements other sessions sent while `call()` ran, in order."""
+    start, end = f"rt-start-{uuid.uuid4().hex}", f"rt-end-{uuid.uuid4().hex}"
+    with marker.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        own_pid = cursor.fetchone()[0]
+        cursor.execute(f"SELECT '{start}'")
+        call()
+        cursor.execute(f"SELECT '{end}'")
+    deadline = time.monotonic() + 5
+    while end not in (log := pg.log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, "the end marker never reached the log"
+        time.sleep(0.05)
+    window = log[log.index(start) : log.index(end)]
+    pattern = re.compile(r"\[(\d+)\] LOG:  statement: (.*)")
+    return [m.group(2) for m in pattern.finditer(window) if int(m.group(1)) != own_pid]
+
+
+def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, throwaway_pg):
+    running, marker = logged_server
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+
+        def get() -> None:
+            stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
+
+        get()  # the connection was just used: no ping is due
+        busy = statements_during(throwaway_pg, marker, get)
+        time.sleep(0.7)  # idle past DB_POOL_PRE_PING_IDLE_S: now it is checked first
+        idle = statements_during(throwaway_pg, marker, get)
+
+    print(f"\n[round trips] busy connection: {busy}\n[round trips] idle connection: {idle}")
+    assert not any(s.strip().upper() == "SELECT 1" for s in busy), busy
+    # Today: BEGIN, SET LOCAL statement_timeout, the SELECT, COMMIT. Issue 6 wants one.
+    assert len(busy) <= 4, busy
+    assert sum(s.strip().upper() == "SELECT 1" for s in idle) == 1, idle
