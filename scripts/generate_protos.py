@@ -9,6 +9,7 @@ tests/test_contract.py fails when the committed files are stale.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,14 @@ def proto_files() -> list[Path]:
     return sorted(PROTOS.rglob("*.proto"))
 
 
+def _plugin(name: str) -> str:
+    """A protoc plugin installed next to this interpreter (pip install -e '.[test]')."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        sys.exit(f"{name} not found: pip install -e '.[test]' (it comes with mypy-protobuf)")
+    return found
+
+
 def generate(out_dir: Path) -> None:
     """Run protoc (from grpcio-tools) over every .proto under protos/ into out_dir."""
     well_known = resources.files("grpc_tools") / "_proto"
@@ -34,6 +43,10 @@ def generate(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        # Type stubs for the service stubs too (mypy-protobuf), so editors and mypy see
+        # each method's request and response types.
+        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+        f"--mypy_grpc_out={out_dir}",
         *(str(p.relative_to(PROTOS)) for p in proto_files()),
     ]
     if protoc.main(args) != 0:

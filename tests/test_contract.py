@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = ROOT / "clients"
 GENERATED = sorted(
     path
-    for pattern in ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
+    for pattern in ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py", "*_pb2_grpc.pyi")
     for path in (CLIENTS / "adaccounts" / "v1").glob(pattern)
 )
 # Pinned so that a new buf release cannot change what "lint passes" means.
