@@ -155,26 +155,12 @@ class Database:
 
 def build_engine(settings: Settings) -> Engine:
     url = settings.database_url
-    if url.get_backend_name() == "sqlite":
-        engine = create_engine(
-            url,
-            pool_pre_ping=settings.DB_POOL_PRE_PING,
-            pool_size=settings.pool_size,
-            max_overflow=settings.DB_MAX_OVERFLOW,
-            pool_timeout=settings.DB_POOL_TIMEOUT,
-            # Sessions run in worker threads; the pool hands each connection to one thread at a time.
-            connect_args={"check_same_thread": False, "timeout": settings.DB_POOL_TIMEOUT},
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    engine = create_engine(
-        url,
-        pool_pre_ping=False,  # see _ping_when_idle
-        pool_size=settings.pool_size,
-        max_overflow=settings.DB_MAX_OVERFLOW,
-        pool_timeout=settings.DB_POOL_TIMEOUT,
-        pool_recycle=settings.DB_POOL_RECYCLE,
-        connect_args={
+    sqlite = url.get_backend_name() == "sqlite"
+    if sqlite:
+        # Sessions run in worker threads; the pool hands each connection to one thread at a time.
+        connect_args: dict[str, Any] = {"check_same_thread": False, "timeout": settings.DB_POOL_TIMEOUT}
+    else:
+        connect_args = {
             "connect_timeout": settings.DB_CONNECT_TIMEOUT,
             "application_name": "adaccounts",
             # Notice a peer that vanished (host down, network cut) within ~20 s
@@ -183,8 +169,18 @@ def build_engine(settings: Settings) -> Engine:
             "keepalives_idle": 10,
             "keepalives_interval": 5,
             "keepalives_count": 2,
-        },
+        }
+    engine = create_engine(
+        url,
+        pool_pre_ping=False,  # see _ping_when_idle
+        pool_size=settings.pool_size,
+        max_overflow=settings.DB_MAX_OVERFLOW,
+        pool_timeout=settings.DB_POOL_TIMEOUT,
+        pool_recycle=settings.DB_POOL_RECYCLE,
+        connect_args=connect_args,
     )
+    if sqlite:
+        event.listen(engine, "connect", _sqlite_pragmas)
     if settings.DB_POOL_PRE_PING:
         _ping_when_idle(engine, settings.DB_POOL_PRE_PING_IDLE_S)
     return engine
