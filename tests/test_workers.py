@@ -110,3 +110,12 @@ def test_default_workers_respect_a_cgroup_cpu_quota(tmp_path):
         limits.write_text(text)
         assert _cgroup_cpu_quota(str(limits)) == expected
     assert _cgroup_cpu_quota(str(tmp_path / "absent")) is None
+
+
+def test_sigterm_while_workers_are_still_starting_exits_0(serve, migrated_db):
+    """A deploy that stops a pod right after it started: workers killed by the forwarded
+    SIGTERM before they could serve lost nothing, so the supervisor still exits 0."""
+    server = serve("--workers", "2", DATABASE_URL=pg_url(migrated_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
+    wait_for(lambda: "supervising 2 workers" in server.output, timeout=20)
+    assert server.terminate() == 0, server.output
+    assert "all workers stopped" in server.output

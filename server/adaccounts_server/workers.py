@@ -115,7 +115,11 @@ def run(settings: Settings, workers: int, configure_logging: Callable[[str, str]
                 continue
             del running[index]
             if stopping:
-                if process.exitcode != 0:
+                if process.exitcode == -signal.SIGTERM:
+                    # Killed by the forwarded SIGTERM before it installed its handler,
+                    # which it does before it accepts a single call: nothing was lost.
+                    log.info("worker %d (pid %s) stopped before it was serving", index, process.pid)
+                elif process.exitcode != 0:
                     log.error("worker %d (pid %s) stopped with exit code %s", index, process.pid, process.exitcode)
                     failed = True
                 continue
