@@ -13,8 +13,10 @@ import uuid
 import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from adaccounts.v1 import ad_accounts_pb2 as pb
+from sqlalchemy import Row
 
 from . import models
 from .errors import FieldViolation, InvalidArgument
@@ -304,7 +306,7 @@ def parse_list(request: pb.ListAdAccountsRequest) -> tuple[ListFilters, int]:
 # --- rows to messages ----------------------------------------------------------------------
 
 
-def etag_of(row: models.AdAccount) -> str:
+def etag_of(row: models.AdAccount | Row[Any]) -> str:
     return str(row.version)
 
 
@@ -313,7 +315,8 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def to_proto(row: models.AdAccount) -> pb.AdAccount:
+def to_proto(row: models.AdAccount | Row[Any]) -> pb.AdAccount:
+    """From an ORM object (writes) or a Core row (reads): the same attribute names."""
     message = pb.AdAccount(
         id=str(row.id),
         owner_id=str(row.owner_id),

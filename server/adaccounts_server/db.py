@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Executable, Row, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +26,10 @@ from .errors import DeadlineExceeded, first_line
 log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
+
+# Execution option: run the statement under this statement_timeout (ms), sent in
+# the same message (see Database.read and _send_timeout_with_statement).
+_TIMEOUT_MS = "adaccounts_statement_timeout_ms"
 
 
 class CallScope:
@@ -112,30 +116,58 @@ class Database:
             if self.is_sqlite:
                 yield session
                 return
-            remaining = scope.remaining() if scope else None
-            limit = self._max_statement_s if remaining is None else min(remaining, self._max_statement_s)
             connection = session.connection()
             # SET LOCAL: scoped to this transaction, so it is also right behind PgBouncer.
-            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(limit * 1000))}")
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {self._timeout_ms(scope)}")
             if scope is None:
                 yield session
                 return
             with scope.attached(connection.connection.dbapi_connection):
                 yield session
 
-    def read(self, work: Callable[[Session], Result]) -> Result:
-        """A read-only unit of work, retried once if its connection turns out dead (a
-        database restart or a killed backend): by then the pool has discarded every
-        connection older than the failure, so the retry gets a fresh one."""
+    def read(self, statement: Executable, parameters: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
+        """The rows of one read-only statement, in one round trip on PostgreSQL.
+
+        A lone SELECT needs no transaction of its own, so it runs in autocommit (no
+        BEGIN/COMMIT pair), and the call's statement_timeout travels in the same
+        message: SET LOCAL applies to the implicit transaction of a multi-statement
+        query, so it never outlives it and, behind PgBouncer, reaches the same
+        server connection as the SELECT.
+
+        Retried once if its connection turns out dead (a database restart or a
+        killed backend): by then the pool has discarded every connection older
+        than the failure, so the retry gets a fresh one.
+        """
         try:
-            with self.session() as session:
-                return work(session)
+            return self._read_once(statement, parameters)
         except DBAPIError as error:
             if not error.connection_invalidated:
                 raise
             log.info("retrying a read on a fresh connection: %s", first_line(error.orig))
-        with self.session() as session:
-            return work(session)
+        return self._read_once(statement, parameters)
+
+    def _read_once(self, statement: Executable, parameters: dict[str, Any] | None) -> Sequence[Row[Any]]:
+        scope = _current_scope.get()
+        with self.engine.connect() as connection:
+            if self.is_sqlite:  # pysqlite opens no transaction for a SELECT anyway
+                return connection.execute(statement, parameters).all()
+            options = {_TIMEOUT_MS: self._timeout_ms(scope)}
+            dbapi_connection = connection.connection.dbapi_connection
+            # Straight on psycopg2, not SQLAlchemy's isolation_level="AUTOCOMMIT": that
+            # one costs a `SET default_transaction_isolation` round trip to undo.
+            dbapi_connection.autocommit = True
+            try:
+                with scope.attached(dbapi_connection) if scope else nullcontext():
+                    return connection.execute(statement, parameters, execution_options=options).all()
+            finally:
+                if not dbapi_connection.closed:  # back to transactions before the pool lends it again
+                    dbapi_connection.autocommit = False
+
+    def _timeout_ms(self, scope: CallScope | None) -> int:
+        """The statement_timeout for a call: its remaining deadline, capped."""
+        remaining = scope.remaining() if scope else None
+        limit = self._max_statement_s if remaining is None else min(remaining, self._max_statement_s)
+        return max(1, int(limit * 1000))
 
     def ping(self) -> None:
         """`SELECT 1` through the pool; raises when the database cannot answer."""
@@ -181,6 +213,8 @@ def build_engine(settings: Settings) -> Engine:
     )
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        event.listen(engine, "before_cursor_execute", _send_timeout_with_statement, retval=True)
     if settings.DB_POOL_PRE_PING:
         _ping_when_idle(engine, settings.DB_POOL_PRE_PING_IDLE_S)
     return engine
@@ -213,6 +247,17 @@ def _ping_when_idle(engine: Engine, idle_s: float) -> None:
             alive = False
         if not alive:
             raise DisconnectionError("connection found dead by the idle pre-ping")  # the pool reconnects
+
+
+def _send_timeout_with_statement(  # type: ignore[no-untyped-def]
+    _connection, _cursor, statement: str, parameters: Any, context, _executemany: bool
+) -> tuple[str, Any]:
+    """Prefix `SET LOCAL statement_timeout` to a statement executed with _TIMEOUT_MS:
+    psycopg2 sends the two as one simple-query message, one round trip."""
+    timeout_ms = context.execution_options.get(_TIMEOUT_MS) if context is not None else None
+    if timeout_ms is None:
+        return statement, parameters
+    return f"SET LOCAL statement_timeout = {int(timeout_ms)}; {statement}", parameters
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,10 @@
-"""Every query the service runs, each in one session from `Database.session()`.
+"""Every query the service runs.
 
-Methods take validated values (see convert) and return rows; they raise the
-domain errors of `errors` for outcomes a caller must hear about.
+Reads are Core statements run by `Database.read()` (one round trip, plain rows:
+no ORM identity map or object construction on the hot path); writes use ORM
+sessions from `Database.session()`, one real transaction each. Methods take
+validated values (see convert) and return rows; they raise the domain errors of
+`errors` for outcomes a caller must hear about.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 
 from .convert import ListFilters, NewAccount, Update, as_utc, etag_of
@@ -19,7 +24,12 @@ from .errors import Aborted, AlreadyExists, NotFound
 from .models import AdAccount
 from .page_tokens import Position
 
-T = AdAccount.__table__.c  # columns, for building queries
+TABLE = AdAccount.__table__
+T = TABLE.c  # columns, for building queries
+
+# Statements built once: SQLAlchemy compiles each once and reuses it.
+_GET = sa.select(TABLE).where(T.id == sa.bindparam("id"))
+_BATCH_GET = sa.select(TABLE).where(T.id.in_(sa.bindparam("ids", expanding=True)))
 
 # order_by -> (sort column, descending?). Ties are broken by id in the same direction,
 # so (key, id) is a total order and the keyset position is exact.
@@ -38,18 +48,17 @@ class AdAccountRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def get(self, account_id: uuid.UUID) -> AdAccount:
-        row = self._db.read(lambda session: session.get(AdAccount, account_id))
-        if row is None:
+    def get(self, account_id: uuid.UUID) -> Row[Any]:
+        rows = self._db.read(_GET, {"id": account_id})
+        if not rows:
             raise NotFound(f"ad account {account_id} not found")
-        return row
+        return rows[0]
 
-    def batch_get(self, ids: Sequence[uuid.UUID]) -> list[AdAccount]:
+    def batch_get(self, ids: Sequence[uuid.UUID]) -> list[Row[Any]]:
         """The rows in the order of `ids`; NOT_FOUND naming every id that does not exist."""
         if not ids:
             return []
-        query = sa.select(AdAccount).where(T.id.in_(set(ids)))
-        rows = self._db.read(lambda session: session.scalars(query).all())
+        rows = self._db.read(_BATCH_GET, {"ids": list(set(ids))})
         by_id = {row.id: row for row in rows}
         missing = list(dict.fromkeys(i for i in ids if i not in by_id))
         if missing:
@@ -60,11 +69,11 @@ class AdAccountRepository:
 
     def list(
         self, filters: ListFilters, page_size: int, after: Position | None
-    ) -> tuple[list[AdAccount], Position | None]:
+    ) -> tuple[Sequence[Row[Any]], Position | None]:
         """One page in the requested order, starting after `after`; and the position of the
         page's last row when more rows follow (keyset pagination: no OFFSET)."""
         key_column, descending = _ORDERS[filters.order_by]
-        query = sa.select(AdAccount)
+        query = sa.select(TABLE)
         if filters.owner_id is not None:
             query = query.where(T.owner_id == filters.owner_id)
         if filters.platforms:
@@ -79,7 +88,7 @@ class AdAccountRepository:
             query = query.order_by(key_column.desc(), T.id.desc())
         else:
             query = query.order_by(key_column.asc(), T.id.asc())
-        rows = self._db.read(lambda session: list(session.scalars(query.limit(page_size + 1))))
+        rows = self._db.read(query.limit(page_size + 1))
         if len(rows) <= page_size:
             return rows, None
         rows = rows[:page_size]
