@@ -55,6 +55,7 @@ class App:
         self.tracing = Tracing(settings) if settings.TRACING != "off" else None
         if self.tracing is not None:
             self.tracing.trace_engine(self.database.engine)
+            self.database.traced()
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         if settings.METRICS_PORT is not None:

@@ -31,9 +31,10 @@ OUTPUT_ONLY_FIELDS = ("id", "create_time", "update_time", "etag")
 
 # proto enum number <-> model enum, by name: PLATFORM_META <-> Platform.META.
 _PLATFORM_IN = {pb.Platform.Value(f"PLATFORM_{p.name}"): p for p in models.Platform}
-_PLATFORM_OUT = {p: n for n, p in _PLATFORM_IN.items()}
 _STATUS_IN = {pb.Status.Value(f"STATUS_{s.name}"): s for s in models.Status}
-_STATUS_OUT = {s: n for n, s in _STATUS_IN.items()}
+# Out: from the enum (ORM objects and Core rows) or its stored string (prebuilt reads).
+_PLATFORM_OUT = {key: n for n, p in _PLATFORM_IN.items() for key in (p, p.value)}
+_STATUS_OUT = {key: n for n, s in _STATUS_IN.items() for key in (s, s.value)}
 
 
 # Violations reported per call. The status travels in trailing metadata, which

@@ -49,7 +49,7 @@ class AdAccountRepository:
         self._db = database
 
     def get(self, account_id: uuid.UUID) -> Row[Any]:
-        rows = self._db.read(_GET, {"id": account_id})
+        rows = self._db.read(_GET, {"id": account_id}, prebuilt=True)
         if not rows:
             raise NotFound(f"ad account {account_id} not found")
         return rows[0]
