@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import Settings
 from .db import Database, safe_url
 from .health import DatabaseMonitor
-from .interceptors import Authenticator, CallInterceptor
+from .interceptors import Authenticator, CallGuard
 from .metrics import Metrics, server_gauges
 from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
@@ -76,11 +76,8 @@ class App:
 
     def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
-            interceptors=[
-                # Tracing outermost, so that the call's span covers everything else.
-                *([self.tracing.interceptor] if self.tracing is not None else []),
-                CallInterceptor(Authenticator(self.settings.auth_tokens), self.metrics),
-            ],
+            # Tracing's interceptor runs before the guard, so the call's span covers everything else.
+            interceptors=[self.tracing.interceptor] if self.tracing is not None else None,
             options=[
                 # Share the port only among `--workers` processes, never with another server by accident.
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
@@ -94,7 +91,8 @@ class App:
                 ("grpc.max_concurrent_streams", self.settings.GRPC_MAX_CONCURRENT_STREAMS),
             ],
         )
-        server.add_generic_rpc_handlers((rpc_handlers(self.service),))
+        guard = CallGuard(Authenticator(self.settings.auth_tokens), self.metrics)
+        server.add_generic_rpc_handlers((rpc_handlers(self.service, guard.wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
         if self.settings.GRPC_REFLECTION:
             reflection.enable_server_reflection(

@@ -181,18 +181,25 @@ def _tolerant_parser(message_class: type[message.Message]) -> Callable[[bytes], 
     return parse
 
 
-def rpc_handlers(servicer: AdAccountService) -> grpc.GenericRpcHandler:
-    """The service's method handlers, built from the proto descriptor.
+def rpc_handlers(
+    servicer: AdAccountService,
+    guard: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = lambda _method, handler: handler,
+) -> grpc.GenericRpcHandler:
+    """The service's method handlers, built from the proto descriptor, each passed
+    once through `guard(full method name, handler)` (authentication, logs, metrics).
 
     Same as the generated add_AdAccountServiceServicer_to_server, except that
     a request that does not parse reaches the handler (as MalformedRequest).
     """
     service = pb.DESCRIPTOR.services_by_name["AdAccountService"]
     handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=_tolerant_parser(message_factory.GetMessageClass(method.input_type)),
-            response_serializer=lambda response: response.SerializeToString(),
+        method.name: guard(
+            f"/{service.full_name}/{method.name}",
+            grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, method.name),
+                request_deserializer=_tolerant_parser(message_factory.GetMessageClass(method.input_type)),
+                response_serializer=lambda response: response.SerializeToString(),
+            ),
         )
         for method in service.methods
     }
