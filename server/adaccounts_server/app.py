@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _FINAL_STOP_GRACE_S = 1.0
 # How long calls on a connection past GRPC_MAX_CONNECTION_AGE_S may take to finish.
 _CONNECTION_AGE_GRACE_S = 30.0
+_CANCEL_THREADS = 2
 # How long serve() lets idle worker threads notice the executors shut down.
 _THREAD_EXIT_WAIT_S = 1.0
 
@@ -45,9 +46,13 @@ class App:
         self.reuse_port = reuse_port
         self.database = Database(settings)
         self.executor = ThreadPoolExecutor(max_workers=settings.GRPC_THREADS, thread_name_prefix="rpc")
+        # Cancel requests wait on the database and may hang as long as it is stalled: their
+        # own few threads, never asyncio's default executor, which asyncio.run() joins on exit.
+        self.cancel_executor = ThreadPoolExecutor(max_workers=_CANCEL_THREADS, thread_name_prefix="cancel")
         self.service = AdAccountService(
             AdAccountRepository(self.database),
             self.executor,
+            self.cancel_executor,
             PageTokens(settings.page_token_key),
             settings.max_concurrent_rpcs,
         )
@@ -176,6 +181,7 @@ class App:
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.cancel_executor.shutdown(wait=False, cancel_futures=True)
         self.database.dispose()
         if self.metrics is not None:
             self.metrics.stop()

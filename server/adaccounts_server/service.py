@@ -34,11 +34,13 @@ class AdAccountService:
         self,
         repository: AdAccountRepository,
         executor: Executor,
+        cancel_executor: Executor,
         page_tokens: PageTokens,
         max_concurrent_rpcs: int,
     ) -> None:
         self._repository = repository
         self._executor = executor
+        self._cancel_executor = cancel_executor
         self._page_tokens = page_tokens
         self._max_in_flight = max_concurrent_rpcs
         self._draining = False
@@ -133,7 +135,7 @@ class AdAccountService:
         except asyncio.CancelledError:
             # The caller cancelled or its deadline passed: stop the query too. cancel()
             # talks to PostgreSQL, so keep it off the event loop.
-            asyncio.get_running_loop().run_in_executor(None, scope.cancel)
+            self._cancel_executor.submit(scope.cancel)
             raise
         except Exception as error:
             status = errors.to_status(error)
