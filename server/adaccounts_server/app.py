@@ -96,7 +96,11 @@ class App:
                 ("grpc.max_concurrent_streams", self.settings.GRPC_MAX_CONCURRENT_STREAMS),
             ],
         )
-        guard = CallGuard(Authenticator(self.settings.auth_tokens), self.metrics)
+        guard = CallGuard(
+            Authenticator(self.settings.auth_tokens),
+            self.metrics,
+            client_certificates=self.settings.GRPC_TLS == "mtls",
+        )
         server.add_generic_rpc_handlers((rpc_handlers(self.service, guard.wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
         if self.settings.GRPC_REFLECTION:

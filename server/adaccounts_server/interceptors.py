@@ -125,9 +125,14 @@ class CallGuard:
     open to probes and grpcurl, and unlogged (probes would drown the rest).
     """
 
-    def __init__(self, authenticator: Authenticator, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, authenticator: Authenticator, metrics: Metrics | None = None, *, client_certificates: bool = False
+    ) -> None:
         self._authenticator = authenticator
         self._metrics = metrics
+        # Only mutual TLS has a client certificate to name an anonymous caller by; asking
+        # gRPC for the auth context of every call otherwise costs for nothing.
+        self._client_certificates = client_certificates
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The unary `handler` of `method` (`/pkg.Service/Method`), guarded."""
@@ -184,7 +189,7 @@ class CallGuard:
             seconds = time.perf_counter() - started
             if self._metrics is not None:
                 self._metrics.call_ended(method, code, seconds)
-            _log(method, caller, rid, context, code, seconds)
+            _log(method, caller, rid, context, code, seconds, self._client_certificates)
 
 
 def _log(
@@ -194,6 +199,7 @@ def _log(
     context: grpc.aio.ServicerContext,
     code: grpc.StatusCode,
     seconds: float,
+    client_certificates: bool,
 ) -> None:
     if code == grpc.StatusCode.INTERNAL or code == grpc.StatusCode.UNKNOWN:
         level = logging.ERROR
@@ -208,7 +214,7 @@ def _log(
         "code": code.name,
         "duration_ms": round(seconds * 1000, 3),
         "peer": context.peer(),
-        "caller": _caller_name(caller, context),
+        "caller": _caller_name(caller, context, client_certificates),
         "request_id": rid,
     }
     error_id = error_id_of(context.details()) if code == grpc.StatusCode.INTERNAL else None
@@ -235,10 +241,12 @@ def _request_id(metadata: Sequence[tuple[str, Any]] | None) -> str:
     return uuid.uuid4().hex
 
 
-def _caller_name(caller: Caller | None, context: grpc.aio.ServicerContext) -> str:
+def _caller_name(caller: Caller | None, context: grpc.aio.ServicerContext, client_certificates: bool) -> str:
     """The token's service name; else the client certificate's common name (mTLS); else '-'."""
     if caller is not None:
         return caller.name
+    if not client_certificates:
+        return ANONYMOUS
     names = context.auth_context().get("x509_common_name")
     if names:
         return "cn=" + names[0].decode(errors="replace")
