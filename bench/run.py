@@ -390,21 +390,32 @@ class Bench:
         with self.server("echo server", command, _echo_answers, port, processes, env):
             figures[echo] = self.measure(echo, "echo", port)
 
-        no_ping = "GetAdAccount, pre-ping off"
+        # Ratios 3 and 4 compare servers started one after another. Drift on this shared
+        # machine (other tenants, PostgreSQL's own background work) would favour whichever
+        # side happened to run in a quiet moment, so each side runs twice, interleaved, and
+        # the better of its two runs counts. The first "on" run is the GetAdAccount row.
+        no_ping = "GetAdAccount, pre-ping off, best of 2"
+        pre_ping_on = "GetAdAccount, pre-ping on, best of 2"
+        # label -> (--workers, settings) of the server it measures
+        sides: dict[str, tuple[int | None, dict[str, str]]] = {pre_ping_on: (workers, {})}
         if pre_ping_setting in Settings.model_fields:
-            port = free_port()
-            with self.adaccounts("adaccounts serve (pre-ping off)", port, workers, **{pre_ping_setting: pre_ping_off}):
-                figures[no_ping] = self.measure(no_ping, "get", port)
-
-        if supports_workers:
-            for count in (1, 2):
-                label = f"GetAdAccount, --workers {count}"
-                if count == workers:
-                    figures[label] = figures["GetAdAccount"]
+            sides[no_ping] = (workers, {pre_ping_setting: pre_ping_off})
+        for count in (1, 2) if supports_workers else ():
+            if count != workers:
+                sides[f"GetAdAccount, --workers {count}, best of 2"] = (count, {})
+        samples: dict[str, list[Figures]] = {label: [] for label in sides}
+        samples[pre_ping_on].append(figures["GetAdAccount"])  # its first run is the GetAdAccount row
+        for round_ in (1, 2):
+            for label, (count, settings) in sides.items():
+                if len(samples[label]) >= round_:
                     continue
                 port = free_port()
-                with self.adaccounts(f"adaccounts serve (workers {count})", port, count):
-                    figures[label] = self.measure(label, "get", port)
+                with self.adaccounts(f"adaccounts serve ({label}, run {round_})", port, count, **settings):
+                    samples[label].append(self.measure(f"{label}, run {round_}", "get", port))
+        for label, runs in samples.items():
+            figures[label] = max(runs, key=lambda f: f.ops)
+        if workers in (1, 2):
+            figures[f"GetAdAccount, --workers {workers}, best of 2"] = figures[pre_ping_on]
 
         return table_rows(
             figures,
@@ -412,6 +423,7 @@ class Bench:
             rest=rest,
             echo=echo,
             no_ping=no_ping,
+            pre_ping_on=pre_ping_on,
             in_flight=args.in_flight,
             rss=rss,
             notes={
@@ -493,6 +505,7 @@ def table_rows(
     rest: str,
     echo: str,
     no_ping: str,
+    pre_ping_on: str,
     in_flight: int,
     rss: RssSampler,
     notes: dict[str, str],
@@ -506,11 +519,11 @@ def table_rows(
     rows += [
         _ratio("ratio 1: Get ÷ REST GET", get.ops, ops(rest), "≥ 2.5", notes["rest"]),
         _ratio("ratio 2: Get ÷ echo RPC", get.ops, ops(echo), "≥ 0.6", ""),
-        _ratio("ratio 3: Get, pre-ping on ÷ off", get.ops, ops(no_ping), "≥ 0.95", notes["pre_ping"]),
+        _ratio("ratio 3: Get, pre-ping on ÷ off", ops(pre_ping_on), ops(no_ping), "≥ 0.95", notes["pre_ping"]),
         _ratio(
             "ratio 4: Get, --workers 2 ÷ --workers 1",
-            ops("GetAdAccount, --workers 2"),
-            ops("GetAdAccount, --workers 1"),
+            ops("GetAdAccount, --workers 2, best of 2"),
+            ops("GetAdAccount, --workers 1, best of 2"),
             "≥ 1.5",
             notes["workers"],
         ),
