@@ -230,7 +230,7 @@ class Database:
     def _read_prebuilt(self, statement: Executable, parameters: dict[str, Any] | None) -> list[Any]:
         sql, make_row = self._compiled(statement)
         scope = _current_scope.get()
-        sql = f"SET LOCAL statement_timeout = {self._timeout_ms(scope)}; {sql}"
+        sql = _with_timeout(sql, self._timeout_ms(scope))
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
         pooled = None
         try:
@@ -379,7 +379,13 @@ def _send_timeout_with_statement(  # type: ignore[no-untyped-def]
     timeout_ms = context.execution_options.get(_TIMEOUT_MS) if context is not None else None
     if timeout_ms is None:
         return statement, parameters
-    return f"SET LOCAL statement_timeout = {int(timeout_ms)}; {statement}", parameters
+    return _with_timeout(statement, timeout_ms), parameters
+
+
+def _with_timeout(sql: str, timeout_ms: int) -> str:
+    """One simple-query message: SET LOCAL binds to the implicit transaction of a
+    multi-statement query, so the timeout covers `sql` and ends with it."""
+    return f"SET LOCAL statement_timeout = {int(timeout_ms)}; {sql}"
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
