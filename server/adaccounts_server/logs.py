@@ -8,6 +8,7 @@ quotes, and from the request id the caller sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -18,8 +19,20 @@ from typing import Any, TextIO
 # The request id of the call being handled, on the event loop (set by the interceptor).
 request_id: ContextVar[str | None] = ContextVar("adaccounts_request_id", default=None)
 
+# Where grpc.aio logs what happens to calls on the server.
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
+
 # Attributes a record may carry (logging's `extra=`) that become fields of the JSON line.
 FIELDS = ("rpc", "error_id")
+
+
+class _DropCancelledCalls(logging.Filter):
+    """grpc.aio logs a traceback at ERROR for every call it cancels (the caller went away,
+    or the shutdown grace ran out). Neither is a server error: the call's own log line
+    says CANCELLED, and shutdown says how many calls it cut short."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is asyncio.CancelledError)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -87,3 +100,6 @@ def configure(level: str, log_format: str = "auto", stream: TextIO | None = None
         root.removeHandler(old)
     root.addHandler(handler(stream or sys.stderr, log_format))
     root.setLevel(level.upper())
+    grpc_aio = logging.getLogger(GRPC_AIO_LOGGER)
+    if not any(isinstance(f, _DropCancelledCalls) for f in grpc_aio.filters):
+        grpc_aio.addFilter(_DropCancelledCalls())

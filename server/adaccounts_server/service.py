@@ -9,6 +9,7 @@ to that pool and maps whatever it raises to a status in one place (errors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import Callable
@@ -135,7 +136,9 @@ class AdAccountService:
         except asyncio.CancelledError:
             # The caller cancelled or its deadline passed: stop the query too. cancel()
             # talks to PostgreSQL, so keep it off the event loop.
-            self._cancel_executor.submit(scope.cancel)
+            # RuntimeError: the server has stopped; its connections close with the process.
+            with contextlib.suppress(RuntimeError):
+                self._cancel_executor.submit(scope.cancel)
             raise
         except Exception as error:
             status = errors.to_status(error)
