@@ -48,7 +48,8 @@ class AdAccountRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def get(self, account_id: uuid.UUID) -> Row[Any]:
+    def get(self, account_id: uuid.UUID) -> Any:
+        """The row (a named tuple of the table's columns, like the other reads' rows)."""
         rows = self._db.read(_GET, {"id": account_id}, prebuilt=True)
         if not rows:
             raise NotFound(f"ad account {account_id} not found")
