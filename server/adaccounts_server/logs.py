@@ -18,7 +18,7 @@ import time
 from contextvars import ContextVar
 from typing import Any, TextIO
 
-# The request id of the call being handled, on the event loop (set by the interceptor).
+# The request id of the call being handled, on the event loop (set by interceptors.CallGuard).
 request_id: ContextVar[str | None] = ContextVar("adaccounts_request_id", default=None)
 
 # Where grpc.aio logs what happens to calls on the server.
@@ -89,10 +89,14 @@ def wants_json(log_format: str, stream: TextIO) -> bool:
     return log_format == "json"
 
 
+def _formatter(log_format: str, stream: TextIO) -> logging.Formatter:
+    return JsonFormatter() if wants_json(log_format, stream) else TextFormatter()
+
+
 def handler(stream: TextIO, log_format: str = "auto") -> logging.Handler:
     """A handler writing to `stream` as JSON lines or text, with each record's request id."""
     out = logging.StreamHandler(stream)
-    out.setFormatter(JsonFormatter() if wants_json(log_format, stream) else TextFormatter())
+    out.setFormatter(_formatter(log_format, stream))
     out.addFilter(_RequestIdFilter())
     return out
 
@@ -178,7 +182,7 @@ def configure(level: str, log_format: str = "auto", stream: TextIO | None = None
         root.removeHandler(old)
         old.close()
     out = stream or sys.stderr
-    root.addHandler(_Handoff(out, JsonFormatter() if wants_json(log_format, out) else TextFormatter()))
+    root.addHandler(_Handoff(out, _formatter(log_format, out)))
     root.setLevel(level.upper())
     grpc_aio = logging.getLogger(GRPC_AIO_LOGGER)
     if not any(isinstance(f, _DropCancelledCalls) for f in grpc_aio.filters):
