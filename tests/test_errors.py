@@ -158,12 +158,17 @@ def test_unknown_account_is_not_found_and_taken_pair_already_exists(stub):
 
 def hold_row_lock(database_url, account_id: str) -> tuple[threading.Event, threading.Thread]:
     """Lock one row from another connection until the returned event is set."""
+    return hold_lock(database_url, "SELECT 1 FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
+
+
+def hold_lock(database_url, statement: str, parameters: tuple = ()) -> tuple[threading.Event, threading.Thread]:
+    """Run `statement` in a transaction on another connection, kept open until the returned event is set."""
     locked, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
         with connection, connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
+            cursor.execute(statement, parameters)
             locked.set()
             release.wait(30)
         connection.close()
@@ -187,7 +192,8 @@ def test_caller_deadline_passing_is_deadline_exceeded(stub, database_url):
 
 
 def test_exhausted_pool_is_unavailable(clean_db, database_url):
-    # One connection, no overflow: an update stuck on a row lock holds it.
+    # One connection, no overflow: an update stuck on a row lock holds it, and
+    # BatchGet reads through the same pool (GetAdAccount has its own: see below).
     running = RunningServer(
         test_settings(database_url, GRPC_THREADS=4, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.3)
     )
@@ -203,7 +209,7 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
                 error = None
                 for _ in range(50):  # until the blocked update has taken the only connection
                     try:
-                        stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
+                        stub.BatchGetAdAccounts(pb.BatchGetAdAccountsRequest(ids=[account.id]), timeout=5)
                     except grpc.RpcError as caught:
                         error = caught
                         break
@@ -213,6 +219,35 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
                 release.set()
                 holder.join()
             assert blocked.result().name == "waits", "the blocked call completes once the lock goes"
+    finally:
+        running.stop()
+
+
+def test_exhausted_point_read_pool_is_unavailable(clean_db, database_url):
+    # GetAdAccount's connections on the event loop (loop_pool): one, held by a read
+    # stuck behind a table lock; the next read waits DB_POOL_TIMEOUT, then UNAVAILABLE.
+    running = RunningServer(test_settings(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.AdAccountServiceStub(channel)
+            account = create(stub)
+            release, holder = hold_lock(database_url, "LOCK TABLE ad_accounts IN ACCESS EXCLUSIVE MODE")
+            try:
+                blocked = stub.GetAdAccount.future(pb.GetAdAccountRequest(id=account.id), timeout=20)
+                error = None
+                for _ in range(50):  # until the blocked read has taken the only connection
+                    try:
+                        stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
+                    except grpc.RpcError as caught:
+                        error = caught
+                        break
+                assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+                assert_clean(error)
+            finally:
+                release.set()
+                holder.join()
+            assert blocked.result() == account, "the blocked read completes once the lock goes"
+            assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5) == account
     finally:
         running.stop()
 

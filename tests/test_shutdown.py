@@ -310,7 +310,10 @@ def test_sigterm_exits_after_the_grace_period_while_the_database_is_stalled(pg, 
     server = spawn_server(SHUTDOWN_GRACE_S=str(grace))
     client = client_for(f"127.0.0.1:{server.port}")
     server.wait_until_serving(client)
-    client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+    account = client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+    # A point read first, so the one below finds a connection open and waits on the
+    # stalled database itself, not on a connect that times out (DB_CONNECT_TIMEOUT).
+    client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
 
     pg.pause()
     stuck = client.accounts.GetAdAccount.future(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=30)

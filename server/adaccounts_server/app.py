@@ -61,6 +61,8 @@ class App:
         if self.tracing is not None:
             self.tracing.trace_engine(self.database.engine)
             self.database.traced()
+        else:
+            self.database.enable_loop_reads(self.cancel_executor)
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         if settings.METRICS_PORT is not None:
@@ -72,6 +74,7 @@ class App:
                     settings.DB_MAX_OVERFLOW,
                     lambda: self.monitor.serving,
                     settings.max_concurrent_rpcs,
+                    self.database.loop_pool,
                 )
             )
         self.server: grpc.aio.Server | None = None

@@ -7,12 +7,12 @@ worker processes each own theirs.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
 from .errors import DeadlineExceeded, first_line
+from .loop_pool import LoopPool
+from .pg_cancel import CancelRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class CallScope:
             self._cancelled = True
             connection = self._connection
             # Taken while the connection is surely open: attached() waits for this lock.
-            request = _CancelRequest.of(connection) if connection is not None else None
+            request = CancelRequest.of(connection) if connection is not None else None
         if request is not None:
             request.send()
         elif connection is not None:
@@ -81,59 +83,6 @@ class CallScope:
         finally:
             with self._lock:
                 self._connection = None
-
-
-class _CancelRequest:
-    """libpq's cancel request, sent without holding the GIL.
-
-    psycopg2's connection.cancel() holds the GIL through libpq's PQcancel, which
-    does not return while the server is stalled (SIGSTOP, a hung host): every
-    thread of the process, the event loop and health checks included, would stop
-    with it. The same libpq calls through ctypes release the GIL, so only the
-    thread sending the cancel waits. Falls back to psycopg2's cancel() when the
-    libpq that psycopg2 loaded cannot be found (not Linux, say).
-    """
-
-    _libpq: Any = None
-    _looked = False
-
-    def __init__(self, handle: int) -> None:
-        self._handle = handle
-
-    @classmethod
-    def of(cls, connection: Any) -> _CancelRequest | None:
-        libpq = cls._load()
-        pgconn = getattr(connection, "pgconn_ptr", None)
-        if libpq is None or not pgconn or getattr(connection, "closed", True):
-            return None
-        handle = libpq.PQgetCancel(pgconn)
-        return cls(handle) if handle else None
-
-    def send(self) -> None:
-        error = ctypes.create_string_buffer(256)
-        try:
-            if not self._libpq.PQcancel(self._handle, error, len(error)):
-                log.debug("cancelling a statement failed: %s", error.value.decode(errors="replace").strip())
-        finally:
-            self._libpq.PQfreeCancel(self._handle)
-
-    @classmethod
-    def _load(cls) -> Any:
-        if not cls._looked:
-            cls._looked = True
-            try:
-                with open("/proc/self/maps") as maps:  # the very libpq psycopg2 uses, bundled or not
-                    path = next((line.split()[-1] for line in maps if "/libpq" in line), None)
-                if path is not None:
-                    libpq = ctypes.CDLL(path)  # CDLL: calls release the GIL
-                    libpq.PQgetCancel.argtypes, libpq.PQgetCancel.restype = [ctypes.c_void_p], ctypes.c_void_p
-                    libpq.PQcancel.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-                    libpq.PQcancel.restype = ctypes.c_int
-                    libpq.PQfreeCancel.argtypes, libpq.PQfreeCancel.restype = [ctypes.c_void_p], None
-                    cls._libpq = libpq
-            except (OSError, AttributeError) as error:
-                log.debug("libpq not found for cancel requests: %s", error)
-        return cls._libpq
 
 
 _current_scope: ContextVar[CallScope | None] = ContextVar("adaccounts_call_scope", default=None)
@@ -163,6 +112,8 @@ class Database:
         self._fast_reads = not self.is_sqlite
         # Told how long each ping that answered took (the metrics' ping latency), when set.
         self.on_ping: Callable[[float], None] | None = None
+        self._settings = settings
+        self._loop_pool: LoopPool | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -257,6 +208,43 @@ class Database:
             if pooled is not None:
                 pooled.close()
 
+    def enable_loop_reads(self, cancel_executor: Executor) -> None:
+        """From now on, reads_on_loop() serves point reads on the event loop (PostgreSQL
+        only; see loop_pool). Cancel requests are sent from `cancel_executor`."""
+        if not self._fast_reads:
+            return
+        settings = self._settings
+        self._loop_pool = LoopPool(
+            self.engine,
+            postgres_connect_args(settings),
+            size=settings.pool_size,
+            timeout=settings.DB_POOL_TIMEOUT,
+            connect_timeout=settings.DB_CONNECT_TIMEOUT,
+            recycle=settings.DB_POOL_RECYCLE,
+            pre_ping_idle_s=settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None,
+            cancel_executor=cancel_executor,
+        )
+
+    @property
+    def reads_on_loop(self) -> bool:
+        return self._loop_pool is not None
+
+    @property
+    def loop_pool(self) -> LoopPool | None:
+        """The event loop's connections for point reads, once enable_loop_reads() made them."""
+        return self._loop_pool
+
+    async def read_prebuilt_on_loop(
+        self, statement: Executable, parameters: dict[str, Any], scope: CallScope | None
+    ) -> list[Any]:
+        """read(statement, parameters, prebuilt=True), awaited on the event loop: the same
+        SQL, timeout and rows, without a worker thread (see loop_pool)."""
+        assert self._loop_pool is not None, "enable_loop_reads() first"
+        sql, make_row = self._compiled(statement)
+        timeout_ms = self._timeout_ms(scope)
+        rows = await self._loop_pool.fetchall(_with_timeout(sql, timeout_ms), parameters, timeout_ms / 1000)
+        return [make_row(values) for values in rows]
+
     def _compiled(self, statement: Executable) -> tuple[str, Callable[[tuple[Any, ...]], Any]]:
         """The statement's SQL for this engine and a row maker, built on first use."""
         found = self._prebuilt.get(statement)
@@ -275,6 +263,9 @@ class Database:
     def traced(self) -> None:
         """Every statement through SQLAlchemy's Connection, where tracing sees it."""
         self._fast_reads = False
+        if self._loop_pool is not None:
+            self._loop_pool.close()
+            self._loop_pool = None
 
     def ping(self) -> None:
         """`SELECT 1` through the pool; raises when the database cannot answer."""
@@ -285,10 +276,13 @@ class Database:
             self.on_ping(time.perf_counter() - started)
 
     def checked_out(self) -> int:
-        """Connections currently lent out by the pool (zero at rest)."""
-        return self.engine.pool.checkedout()  # type: ignore[attr-defined]
+        """Connections currently lent out by the pools (zero at rest)."""
+        on_loop = self._loop_pool.checked_out if self._loop_pool is not None else 0
+        return self.engine.pool.checkedout() + on_loop  # type: ignore[attr-defined]
 
     def dispose(self) -> None:
+        if self._loop_pool is not None:
+            self._loop_pool.close()
         self.engine.dispose()
 
 
@@ -314,16 +308,7 @@ def build_engine(settings: Settings) -> Engine:
         # Sessions run in worker threads; the pool hands each connection to one thread at a time.
         connect_args: dict[str, Any] = {"check_same_thread": False, "timeout": settings.DB_POOL_TIMEOUT}
     else:
-        connect_args = {
-            "connect_timeout": settings.DB_CONNECT_TIMEOUT,
-            "application_name": "adaccounts",
-            # Notice a peer that vanished (host down, network cut) within ~20 s
-            # instead of the kernel's two hours.
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 2,
-        }
+        connect_args = postgres_connect_args(settings)
     engine = create_engine(
         url,
         pool_pre_ping=False,  # see _ping_when_idle
@@ -340,6 +325,20 @@ def build_engine(settings: Settings) -> Engine:
     if settings.DB_POOL_PRE_PING:
         _ping_when_idle(engine, settings.DB_POOL_PRE_PING_IDLE_S)
     return engine
+
+
+def postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    """libpq parameters of every connection, the engine's and the loop pool's."""
+    return {
+        "connect_timeout": settings.DB_CONNECT_TIMEOUT,
+        "application_name": "adaccounts",
+        # Notice a peer that vanished (host down, network cut) within ~20 s
+        # instead of the kernel's two hours.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 2,
+    }
 
 
 def _ping_when_idle(engine: Engine, idle_s: float) -> None:

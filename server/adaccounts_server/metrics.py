@@ -125,9 +125,10 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def server_gauges(
-    pool: Any, max_overflow: int, serving: Callable[[], bool], max_rpcs: int
+    pool: Any, max_overflow: int, serving: Callable[[], bool], max_rpcs: int, read_pool: Any = None
 ) -> Iterator[GaugeMetricFamily]:
-    """The pool's and the health monitor's state as it is now (SQLAlchemy QueuePool)."""
+    """The pools' and the health monitor's state as it is now (SQLAlchemy's QueuePool, and
+    the event loop's pool for point reads when there is one)."""
     yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", pool.size())
     yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", pool.checkedout())
     # QueuePool counts overflow from -size while the pool fills: only connections beyond the size count here.
@@ -135,5 +136,12 @@ def server_gauges(
         "adaccounts_db_pool_overflow", "Connections open beyond the pool size right now.", max(0, pool.overflow())
     )
     yield gauge("adaccounts_db_pool_max_overflow", "Most connections beyond the size (DB_MAX_OVERFLOW).", max_overflow)
+    if read_pool is not None:
+        yield gauge(
+            "adaccounts_db_read_pool_size", "Most connections for point reads on the event loop.", read_pool.size
+        )
+        yield gauge(
+            "adaccounts_db_read_pool_checked_out", "Point-read connections lent out right now.", read_pool.checked_out
+        )
     yield gauge("adaccounts_health_serving", "1 while readiness is SERVING, else 0.", 1 if serving() else 0)
     yield gauge("adaccounts_max_concurrent_rpcs", "Calls in progress past which calls are shed.", max_rpcs)

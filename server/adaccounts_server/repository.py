@@ -19,7 +19,7 @@ from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 
 from .convert import ListFilters, NewAccount, Update, as_utc, etag_of
-from .db import Database
+from .db import CallScope, Database
 from .errors import Aborted, AlreadyExists, NotFound
 from .models import AdAccount
 from .page_tokens import Position
@@ -44,16 +44,28 @@ _ORDERS: dict[str, tuple[sa.Column, bool]] = {
 _MISSING_IDS_SHOWN = 10
 
 
+def _found(account_id: uuid.UUID, rows: Sequence[Any]) -> Any:
+    if not rows:
+        raise NotFound(f"ad account {account_id} not found")
+    return rows[0]
+
+
 class AdAccountRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
     def get(self, account_id: uuid.UUID) -> Any:
         """The row (a named tuple of the table's columns, like the other reads' rows)."""
-        rows = self._db.read(_GET, {"id": account_id}, prebuilt=True)
-        if not rows:
-            raise NotFound(f"ad account {account_id} not found")
-        return rows[0]
+        return _found(account_id, self._db.read(_GET, {"id": account_id}, prebuilt=True))
+
+    @property
+    def reads_on_loop(self) -> bool:
+        """Whether get_on_loop() may be used (PostgreSQL without tracing)."""
+        return self._db.reads_on_loop
+
+    async def get_on_loop(self, account_id: uuid.UUID, scope: CallScope) -> Any:
+        """get(), awaited on the event loop instead of run on a worker thread."""
+        return _found(account_id, await self._db.read_prebuilt_on_loop(_GET, {"id": account_id}, scope))
 
     def batch_get(self, ids: Sequence[uuid.UUID]) -> list[Row[Any]]:
         """The rows in the order of `ids`; NOT_FOUND naming every id that does not exist."""

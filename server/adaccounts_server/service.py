@@ -2,8 +2,9 @@
 
 The server runs on grpc.aio so that health probes and reflection are answered
 on the event loop and never wait behind database work. Database work runs in a
-bounded pool of worker threads (GRPC_THREADS); each handler hands one function
-to that pool and maps whatever it raises to a status in one place (errors).
+bounded pool of worker threads (GRPC_THREADS), except PostgreSQL point reads,
+which the loop awaits without blocking (loop_pool); each handler hands one
+function to _run, which maps whatever it raises to a status in one place (errors).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextvars
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from adaccounts.v1 import ad_accounts_pb2 as pb
@@ -26,8 +27,6 @@ from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
-
-Result = TypeVar("Result")
 
 
 class AdAccountService:
@@ -49,9 +48,11 @@ class AdAccountService:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    # --- RPCs: each runs one function on a worker thread -----------------------------------
+    # --- RPCs: each runs one function on a worker thread, or a point read on the loop -----
 
     async def GetAdAccount(self, request: pb.GetAdAccountRequest, context: grpc.aio.ServicerContext) -> pb.AdAccount:
+        if self._repository.reads_on_loop:
+            return await self._run(context, self._get_on_loop, request, on_loop=True)
         return await self._run(context, self._get, request)
 
     async def BatchGetAdAccounts(
@@ -84,6 +85,10 @@ class AdAccountService:
     def _get(self, request: pb.GetAdAccountRequest) -> pb.AdAccount:
         return convert.to_proto(self._repository.get(convert.parse_id(request.id, "id")))
 
+    async def _get_on_loop(self, request: pb.GetAdAccountRequest, scope: CallScope) -> pb.AdAccount:
+        """_get without a worker thread: the thread handoffs cost more than the read (loop_pool)."""
+        return convert.to_proto(await self._repository.get_on_loop(convert.parse_id(request.id, "id"), scope))
+
     def _batch_get(self, request: pb.BatchGetAdAccountsRequest) -> pb.BatchGetAdAccountsResponse:
         rows = self._repository.batch_get(convert.parse_batch_ids(list(request.ids)))
         return pb.BatchGetAdAccountsResponse(ad_accounts=[convert.to_proto(row) for row in rows])
@@ -112,8 +117,15 @@ class AdAccountService:
     # --- plumbing ----------------------------------------------------------------------------
 
     async def _run(
-        self, context: grpc.aio.ServicerContext, work: Callable[[Any], Result], request: message.Message
-    ) -> Result:
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[..., Any],
+        request: message.Message,
+        *,
+        on_loop: bool = False,
+    ) -> Any:
+        """`work(request)` on a worker thread, or with on_loop `await work(request, scope)`,
+        with the call's deadline, cancellation, overload and errors handled here."""
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
         if self._in_flight >= self._max_in_flight:
@@ -129,6 +141,8 @@ class AdAccountService:
         try:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidArgument.field("", request.description)
+            if on_loop:
+                return await work(request, scope)
             loop = asyncio.get_running_loop()
             # In a copy of the call's context: its trace span and request id reach the worker thread.
             call_context = contextvars.copy_context()
