@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from adaccounts.v1 import ad_accounts_pb2 as pb
+from google.protobuf import timestamp_pb2
 from sqlalchemy import Row
 
 from . import models
@@ -316,9 +317,19 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """Timestamp.FromDatetime's result from datetime arithmetic alone: its calendar
+    math in Python was ~6 % of a point read's event-loop time."""
+    elapsed = as_utc(moment) - _EPOCH  # normalised: seconds and microseconds are never negative
+    return timestamp_pb2.Timestamp(seconds=elapsed.days * 86_400 + elapsed.seconds, nanos=elapsed.microseconds * 1000)
+
+
 def to_proto(row: models.AdAccount | Row[Any]) -> pb.AdAccount:
     """From an ORM object (writes) or a Core row (reads): the same attribute names."""
-    message = pb.AdAccount(
+    return pb.AdAccount(
         id=str(row.id),
         owner_id=str(row.owner_id),
         platform=_PLATFORM_OUT[row.platform],
@@ -327,8 +338,7 @@ def to_proto(row: models.AdAccount | Row[Any]) -> pb.AdAccount:
         currency_code=row.currency_code,
         time_zone=row.time_zone,
         status=_STATUS_OUT[row.status],
+        create_time=_timestamp(row.create_time),
+        update_time=_timestamp(row.update_time),
         etag=etag_of(row),
     )
-    message.create_time.FromDatetime(as_utc(row.create_time))
-    message.update_time.FromDatetime(as_utc(row.update_time))
-    return message
