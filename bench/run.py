@@ -4,7 +4,9 @@
     python bench/run.py --smoke    # CI: 5,000 rows, 2 s per case, List's last page is page 100
 
 It seeds a throwaway PostgreSQL (never the shared one), starts `adaccounts serve` as a
-subprocess, drives it from separate load processes (loadgen.py) and prints one table. Every
+subprocess, drives it from separate load processes and prints one table: h2load (when
+installed, see h2load.py) for the cases that repeat one request (Get, echo, REST GET),
+Python processes (loadgen.py) for those that need a new request each time. Every
 ratio compares two figures measured in this same run, because the machine is shared and
 noisy: absolute figures from another day say little. The goals are printed next to the
 ratios and never asserted: speed goals live here, not in the tests.
@@ -38,6 +40,9 @@ from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.config import Settings, load_settings
 from adaccounts_server.migrate import upgrade_to_head
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from h2load import CASES as H2LOAD_CASES
+from h2load import H2load
+from h2load import installed as h2load_installed
 from loadgen import ECHO_METHOD, Job, LoadProcesses, Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +234,7 @@ class Bench:
         self.ids: list[str] = []
         self.env: dict[str, str] = {}
         self.load: LoadProcesses | None = None
+        self.h2load: H2load | None = None
 
     def log(self, message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
@@ -311,6 +317,17 @@ class Bench:
     # Measuring ------------------------------------------------------------------------------
 
     def measure(self, label: str, case: str, port: int, page_token: str = "") -> Figures:
+        if self.h2load is not None and case in H2LOAD_CASES:
+            figures = Figures.of(self.h2load.measure(case, port), self.profile.duration_s)
+        else:
+            figures = self.measure_from_python(case, port, page_token)
+        self.log(
+            f"{label}: {figures.ops:,.0f} ops/s, p50 {figures.p50_ms:.1f} ms, p99 {figures.p99_ms:.1f} ms"
+            + (f", {figures.errors} errors (first: {figures.first_error})" if figures.errors else "")
+        )
+        return figures
+
+    def measure_from_python(self, case: str, port: int, page_token: str) -> Figures:
         assert self.load is not None
         in_flight = self.args.in_flight // self.load.count
         job = Job(
@@ -324,12 +341,7 @@ class Bench:
             ids=self.ids,
             page_token=page_token,
         )
-        figures = Figures.of(self.load.run(job), self.profile.duration_s)
-        self.log(
-            f"{label}: {figures.ops:,.0f} ops/s, p50 {figures.p50_ms:.1f} ms, p99 {figures.p99_ms:.1f} ms"
-            + (f", {figures.errors} errors (first: {figures.first_error})" if figures.errors else "")
-        )
-        return figures
+        return Figures.of(self.load.run(job), self.profile.duration_s)
 
     def deep_page_token(self, port: int) -> str:
         """The token of page `deep_page` (of 50), found by walking once before timing.
@@ -352,6 +364,9 @@ class Bench:
         self.start_database()
         self.load = LoadProcesses(args.load_processes)
         self.cleanup.callback(self.load.close)
+        if args.load == "h2load":
+            connections = args.connections * args.load_processes
+            self.h2load = H2load(self.workdir, self.profile, self.ids[0], args.in_flight, connections)
         supports_workers = "--workers" in _serve_help()
         pre_ping_setting, _, pre_ping_off = args.pre_ping_off.partition("=")
         workers = (args.workers or os.cpu_count() or 1) if supports_workers else None
@@ -558,6 +573,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-processes", type=int, default=2, help="separate load-generator processes")
     parser.add_argument("--connections", type=int, default=4, help="gRPC connections per load process")
     parser.add_argument(
+        "--load",
+        choices=("h2load", "python"),
+        default="h2load" if h2load_installed() else "python",
+        help="load generator for Get, echo and REST GET (default: h2load when installed); "
+        "the other cases always use the Python load processes",
+    )
+    parser.add_argument(
         "--pre-ping-off",
         default=PRE_PING_OFF,
         metavar="SETTING=VALUE",
@@ -578,9 +600,15 @@ def main(argv: list[str] | None = None) -> int:
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         bench = Bench(args, profile, workdir, cleanup)
         rows = bench.run()
+    drivers = (
+        f"h2load ({args.connections * args.load_processes} gRPC connections) for Get, echo and REST GET, "
+        f"{args.load_processes} Python load processes for the rest"
+        if args.load == "h2load"
+        else f"{args.load_processes} Python load processes ({args.connections} gRPC connections each)"
+    )
     header = (
         f"adaccounts benchmark, {profile.name}: {profile.rows:,} rows; {args.in_flight} calls in flight from "
-        f"{args.load_processes} load processes ({args.connections} gRPC connections each); "
+        f"{drivers}; "
         f"{profile.duration_s:g} s per case after {profile.warmup_s:g} s warm-up; {os.cpu_count()} CPUs; "
         f"took {time.monotonic() - started:.0f} s"
     )
