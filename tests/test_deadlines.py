@@ -11,7 +11,7 @@ from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from conftest import RunningServer, test_settings
 from test_crud import create, rpc_error
-from test_errors import hold_row_lock
+from test_errors import hold_lock, hold_row_lock
 
 pytestmark = pytest.mark.faults
 
@@ -75,6 +75,26 @@ def test_a_cancelled_call_cancels_its_query(stub, database_url):
         release.set()
         holder.join()
     assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id)).name == account.name
+
+
+def test_a_point_read_stops_in_postgresql_at_its_deadline_and_when_cancelled(stub, database_url):
+    # GetAdAccount's read is awaited on the event loop (loop_pool), not run on a worker
+    # thread: its statement must still end with its caller.
+    account = create(stub)
+    release, holder = hold_lock(database_url, "LOCK TABLE ad_accounts IN ACCESS EXCLUSIVE MODE")
+    try:
+        error = rpc_error(stub.GetAdAccount, pb.GetAdAccountRequest(id=account.id), timeout=0.3)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: not blocked_backends(database_url), timeout=2)
+        # A long deadline: only the cancel request can stop this one in time.
+        future = stub.GetAdAccount.future(pb.GetAdAccountRequest(id=account.id), timeout=30)
+        wait_until(lambda: len(blocked_backends(database_url)) == 1)
+        future.cancel()
+        wait_until(lambda: not blocked_backends(database_url), timeout=2)
+    finally:
+        release.set()
+        holder.join()
+    assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id)) == account
 
 
 def test_statements_are_capped_even_without_a_deadline(clean_db, database_url):
