@@ -43,6 +43,13 @@ def wait_until(condition, timeout: float = 5.0) -> float:
     return time.monotonic() - started
 
 
+def cancel_once_blocked(future: grpc.Future, database_url) -> None:
+    """Cancel `future` once its statement waits on a lock; that statement must then leave PostgreSQL."""
+    wait_until(lambda: len(blocked_backends(database_url)) == 1)
+    future.cancel()
+    wait_until(lambda: not blocked_backends(database_url), timeout=2)
+
+
 def update_request(account_id: str, name: str) -> pb.UpdateAdAccountRequest:
     return pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account_id, name=name))
 
@@ -68,9 +75,7 @@ def test_a_cancelled_call_cancels_its_query(stub, database_url):
     release, holder = hold_row_lock(database_url, account.id)
     try:
         future = stub.UpdateAdAccount.future(update_request(account.id, "cancelled"), timeout=30)
-        wait_until(lambda: len(blocked_backends(database_url)) == 1)
-        future.cancel()
-        wait_until(lambda: not blocked_backends(database_url), timeout=2)
+        cancel_once_blocked(future, database_url)
     finally:
         release.set()
         holder.join()
@@ -88,9 +93,7 @@ def test_a_point_read_stops_in_postgresql_at_its_deadline_and_when_cancelled(stu
         wait_until(lambda: not blocked_backends(database_url), timeout=2)
         # A long deadline: only the cancel request can stop this one in time.
         future = stub.GetAdAccount.future(pb.GetAdAccountRequest(id=account.id), timeout=30)
-        wait_until(lambda: len(blocked_backends(database_url)) == 1)
-        future.cancel()
-        wait_until(lambda: not blocked_backends(database_url), timeout=2)
+        cancel_once_blocked(future, database_url)
     finally:
         release.set()
         holder.join()

@@ -191,6 +191,17 @@ def test_caller_deadline_passing_is_deadline_exceeded(stub, database_url):
         holder.join()
 
 
+def first_failure(call, request, attempts: int = 50) -> grpc.RpcError | None:
+    """The error of the first of `attempts` calls that fails: the blocked call may take
+    a moment to hold the only connection."""
+    for _ in range(attempts):
+        try:
+            call(request, timeout=5)
+        except grpc.RpcError as error:
+            return error
+    return None
+
+
 def test_exhausted_pool_is_unavailable(clean_db, database_url):
     # One connection, no overflow: an update stuck on a row lock holds it, and
     # BatchGet reads through the same pool (GetAdAccount has its own: see below).
@@ -206,13 +217,7 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
                 blocked = stub.UpdateAdAccount.future(
                     pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="waits")), timeout=20
                 )
-                error = None
-                for _ in range(50):  # until the blocked update has taken the only connection
-                    try:
-                        stub.BatchGetAdAccounts(pb.BatchGetAdAccountsRequest(ids=[account.id]), timeout=5)
-                    except grpc.RpcError as caught:
-                        error = caught
-                        break
+                error = first_failure(stub.BatchGetAdAccounts, pb.BatchGetAdAccountsRequest(ids=[account.id]))
                 assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
                 assert_clean(error)
             finally:
@@ -234,13 +239,7 @@ def test_exhausted_point_read_pool_is_unavailable(clean_db, database_url):
             release, holder = hold_lock(database_url, "LOCK TABLE ad_accounts IN ACCESS EXCLUSIVE MODE")
             try:
                 blocked = stub.GetAdAccount.future(pb.GetAdAccountRequest(id=account.id), timeout=20)
-                error = None
-                for _ in range(50):  # until the blocked read has taken the only connection
-                    try:
-                        stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5)
-                    except grpc.RpcError as caught:
-                        error = caught
-                        break
+                error = first_failure(stub.GetAdAccount, pb.GetAdAccountRequest(id=account.id))
                 assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
                 assert_clean(error)
             finally:

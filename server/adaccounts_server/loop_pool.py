@@ -5,8 +5,8 @@ the event loop take turns at the GIL; measured here, those handoffs (tens of
 context switches per call) cost more than the read itself, and one process
 served ~1,500 GetAdAccount/s with a third of the CPU idle. Sent and awaited on
 the event loop instead (psycopg2's asynchronous mode, the loop watching the
-socket), the same read needs no thread at all: ~2,700/s per process, the loop
-being the one busy thread.
+socket), the same read needs no thread at all: ~2,500-3,000/s per process, the
+loop being the one busy thread.
 
 So PostgreSQL point reads (GetAdAccount) run here, on connections of their own:
 up to DB_POOL_SIZE per process besides the engine's pool, which keeps serving
