@@ -231,7 +231,7 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
 def test_exhausted_point_read_pool_is_unavailable(clean_db, database_url):
     # GetAdAccount's connections on the event loop (loop_pool): one, held by a read
     # stuck behind a table lock; the next read waits DB_POOL_TIMEOUT, then UNAVAILABLE.
-    running = RunningServer(test_settings(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
+    running = RunningServer(test_settings(database_url, DB_READ_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)

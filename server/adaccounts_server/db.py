@@ -217,7 +217,7 @@ class Database:
         self._loop_pool = LoopPool(
             self.engine,
             postgres_connect_args(settings),
-            size=settings.pool_size,
+            size=settings.DB_READ_POOL_SIZE,
             timeout=settings.DB_POOL_TIMEOUT,
             connect_timeout=settings.DB_CONNECT_TIMEOUT,
             recycle=settings.DB_POOL_RECYCLE,
