@@ -138,7 +138,9 @@ def server_gauges(
     yield gauge("adaccounts_db_pool_max_overflow", "Most connections beyond the size (DB_MAX_OVERFLOW).", max_overflow)
     if read_pool is not None:
         yield gauge(
-            "adaccounts_db_read_pool_size", "Most connections for point reads on the event loop (DB_READ_POOL_SIZE).", read_pool.size
+            "adaccounts_db_read_pool_size",
+            "Most connections for point reads on the event loop (DB_READ_POOL_SIZE).",
+            read_pool.size,
         )
         yield gauge(
             "adaccounts_db_read_pool_checked_out", "Point-read connections lent out right now.", read_pool.checked_out
