@@ -204,7 +204,7 @@ def first_failure(call, request, attempts: int = 50) -> grpc.RpcError | None:
 
 def test_exhausted_pool_is_unavailable(clean_db, database_url):
     # One connection, no overflow: an update stuck on a row lock holds it, and
-    # BatchGet reads through the same pool (GetAdAccount has its own: see below).
+    # List reads through the same pool (Get and BatchGet have their own: see below).
     running = RunningServer(
         test_settings(database_url, GRPC_THREADS=4, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.3)
     )
@@ -217,7 +217,7 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
                 blocked = stub.UpdateAdAccount.future(
                     pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="waits")), timeout=20
                 )
-                error = first_failure(stub.BatchGetAdAccounts, pb.BatchGetAdAccountsRequest(ids=[account.id]))
+                error = first_failure(stub.ListAdAccounts, pb.ListAdAccountsRequest())
                 assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
                 assert_clean(error)
             finally:
@@ -229,7 +229,7 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
 
 
 def test_exhausted_point_read_pool_is_unavailable(clean_db, database_url):
-    # GetAdAccount's connections on the event loop (loop_pool): one, held by a read
+    # Get's and BatchGet's connections on the event loop (loop_pool): one, held by a read
     # stuck behind a table lock; the next read waits DB_POOL_TIMEOUT, then UNAVAILABLE.
     running = RunningServer(test_settings(database_url, DB_READ_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
     try:

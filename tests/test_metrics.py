@@ -84,7 +84,7 @@ def test_metrics_move_with_traffic(metrics_server, clean_db):
     assert value(after, "adaccounts_db_pool_max_overflow") == 2
     assert 0 <= value(after, "adaccounts_db_pool_checked_out") <= 5
     assert value(after, "adaccounts_db_pool_overflow") >= 0
-    # GetAdAccount's own connections, on the event loop: all back once the calls are done.
+    # Get's and BatchGet's own connections, on the event loop: all back once the calls are done.
     assert value(after, "adaccounts_db_read_pool_size") == 4
     assert value(after, "adaccounts_db_read_pool_checked_out") == 0
     assert value(after, "adaccounts_health_serving") == 1

@@ -2,7 +2,7 @@
 
 The seed kept a module-level engine built at import; here the engine is built
 from settings when the server starts and disposed when it stops, so tests and
-worker processes each own theirs. On PostgreSQL, GetAdAccount's reads use a few
+worker processes each own theirs. On PostgreSQL, Get's and BatchGet's reads use a few
 connections of their own, awaited on the event loop (loop_pool, owned here too).
 """
 

@@ -8,10 +8,10 @@ the event loop instead (psycopg2's asynchronous mode, the loop watching the
 socket), the same read needs no thread at all: ~2,500-3,000/s per process, the
 loop being the one busy thread.
 
-So PostgreSQL point reads (GetAdAccount) run here, on connections of their own:
-up to DB_READ_POOL_SIZE per process besides the engine's pool, which keeps
-serving writes, the other reads and the health monitor. They keep what the engine's
-reads guarantee:
+So PostgreSQL's constant reads (GetAdAccount, BatchGetAdAccounts) run here, on
+connections of their own: up to DB_READ_POOL_SIZE per process besides the
+engine's pool, which keeps serving writes, List and the health monitor. They
+keep what the engine's reads guarantee:
 
 - one round trip: asynchronous connections are always in autocommit, and the
   caller's `SET LOCAL statement_timeout` travels with the SELECT (db._with_timeout);

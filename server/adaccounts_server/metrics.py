@@ -139,11 +139,13 @@ def server_gauges(
     if read_pool is not None:
         yield gauge(
             "adaccounts_db_read_pool_size",
-            "Most connections for point reads on the event loop (DB_READ_POOL_SIZE).",
+            "Most connections for reads on the event loop (DB_READ_POOL_SIZE).",
             read_pool.size,
         )
         yield gauge(
-            "adaccounts_db_read_pool_checked_out", "Point-read connections lent out right now.", read_pool.checked_out
+            "adaccounts_db_read_pool_checked_out",
+            "Event-loop read connections lent out right now.",
+            read_pool.checked_out,
         )
     yield gauge("adaccounts_health_serving", "1 while readiness is SERVING, else 0.", 1 if serving() else 0)
     yield gauge("adaccounts_max_concurrent_rpcs", "Calls in progress past which calls are shed.", max_rpcs)

@@ -58,6 +58,8 @@ class AdAccountService:
     async def BatchGetAdAccounts(
         self, request: pb.BatchGetAdAccountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetAdAccountsResponse:
+        if self._repository.reads_on_loop:
+            return await self._run(context, self._batch_get_on_loop, request, on_loop=True)
         return await self._run(context, self._batch_get, request)
 
     async def ListAdAccounts(
@@ -91,6 +93,12 @@ class AdAccountService:
 
     def _batch_get(self, request: pb.BatchGetAdAccountsRequest) -> pb.BatchGetAdAccountsResponse:
         rows = self._repository.batch_get(convert.parse_batch_ids(list(request.ids)))
+        return pb.BatchGetAdAccountsResponse(ad_accounts=[convert.to_proto(row) for row in rows])
+
+    async def _batch_get_on_loop(
+        self, request: pb.BatchGetAdAccountsRequest, scope: CallScope
+    ) -> pb.BatchGetAdAccountsResponse:
+        rows = await self._repository.batch_get_on_loop(convert.parse_batch_ids(list(request.ids)), scope)
         return pb.BatchGetAdAccountsResponse(ad_accounts=[convert.to_proto(row) for row in rows])
 
     def _list(self, request: pb.ListAdAccountsRequest) -> pb.ListAdAccountsResponse:
