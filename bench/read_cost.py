@@ -1,0 +1,85 @@
+"""The CPU one GetAdAccount read costs the event loop, without gRPC around it.
+
+    python bench/read_cost.py [--reads-in-flight 8] [--reads 3000]
+
+Seeds a throwaway PostgreSQL with 1,000 rows, then runs the service's own read path on
+one event loop -- the id check, Database.read_prebuilt_on_loop (loop_pool) and the row to
+its protobuf message -- with N reads in flight, and prints the process's CPU time per read
+and the reads per second. Set against the bare echo RPC's cost per call (bench/run.py),
+it says how much of a GetAdAccount call is the database path and how much is gRPC's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg2
+from adaccounts_server import convert
+from adaccounts_server.config import load_settings
+from adaccounts_server.db import CallScope, Database
+from adaccounts_server.migrate import upgrade_to_head
+from adaccounts_server.repository import AdAccountRepository
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pg_instance import ThrowawayPostgres  # tests/ is not a package
+
+
+async def measure(repository: AdAccountRepository, account_id: str, in_flight: int, reads: int) -> tuple[float, float]:
+    async def reader(count: int) -> None:
+        for _ in range(count):
+            row = await repository.get_on_loop(convert.parse_id(account_id, "id"), CallScope(None))
+            convert.to_proto(row)
+
+    await asyncio.gather(*(reader(100) for _ in range(in_flight)))  # connections made, caches warm
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(reader(reads) for _ in range(in_flight)))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    total = in_flight * reads
+    return cpu / total, total / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reads-in-flight", type=int, default=8)
+    parser.add_argument("--reads", type=int, default=3000, help="reads per reader")
+    args = parser.parse_args()
+    pg = ThrowawayPostgres("adaccounts_read_cost")
+    try:
+        pg.start()
+        upgrade_to_head(pg.url)
+        with psycopg2.connect(pg.dsn) as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
+                " status, create_time, update_time, version)"
+                " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'ext_' || i, 'Account ' || i, 'EUR',"
+                " 'Europe/Paris', 'ACTIVE', now(), now(), 1 FROM generate_series(1, 1000) AS i"
+                " RETURNING id::text"
+            )
+            account_id = cursor.fetchone()[0]
+        connection.close()
+        settings = load_settings(
+            DATABASE_URL=pg.url.render_as_string(hide_password=False),
+            PAGE_TOKEN_SECRET="read-cost-page-token-secret",
+            _env_file=None,
+        )
+        database = Database(settings)
+        cancels = ThreadPoolExecutor(max_workers=1)
+        database.enable_loop_reads(cancels)
+        try:
+            repository = AdAccountRepository(database)
+            cpu, rate = asyncio.run(measure(repository, account_id, args.reads_in_flight, args.reads))
+        finally:
+            database.dispose()
+            cancels.shutdown()
+        print(f"{cpu * 1e6:.1f} µs of CPU per read, {rate:,.0f} reads/s, {args.reads_in_flight} in flight, one loop")
+    finally:
+        pg.cleanup()
+
+
+if __name__ == "__main__":
+    main()
