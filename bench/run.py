@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.in_flight % args.load_processes:
         parser.error("--in-flight must be a multiple of --load-processes")
+    if args.load == "h2load" and not h2load_installed():
+        parser.error("--load h2load: h2load is not installed (Debian: apt-get install nghttp2-client)")
     profile = SMOKE if args.smoke else FULL
 
     # Ctrl-C (even when started in the background, where SIGINT is inherited ignored) and
