@@ -34,6 +34,8 @@ _FINAL_STOP_GRACE_S = 1.0
 # How long calls on a connection past GRPC_MAX_CONNECTION_AGE_S may take to finish.
 _CONNECTION_AGE_GRACE_S = 30.0
 _CANCEL_THREADS = 2
+# How long calls cut short at the end of the grace may take to send their UNAVAILABLE.
+_CUT_SHORT_WAIT_S = 1.0
 # How long serve() lets idle worker threads notice the executors shut down.
 _THREAD_EXIT_WAIT_S = 1.0
 
@@ -182,6 +184,8 @@ class App:
         self.service.start_draining()
         if not await self.service.wait_idle(grace):
             log.warning("grace period over: cancelling %d call(s) still in progress", self.service.in_flight)
+            self.service.cut_short()
+            await self.service.wait_idle(_CUT_SHORT_WAIT_S)
         remaining = max(0.0, grace - (time.monotonic() - started))
         if self.server is not None:
             await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))

@@ -44,6 +44,8 @@ class AdAccountService:
         self._page_tokens = page_tokens
         self._max_in_flight = max_concurrent_rpcs
         self._draining = False
+        self._cutting_short = False
+        self._calls: set[asyncio.Task[Any]] = set()  # the handlers' tasks, for cut_short()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -144,6 +146,9 @@ class AdAccountService:
             )
         self._in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.add(task)
         remaining = context.time_remaining()
         scope = CallScope(None if remaining is None else time.monotonic() + remaining)
         try:
@@ -161,6 +166,10 @@ class AdAccountService:
             # RuntimeError: the server has stopped; its connections close with the process.
             with contextlib.suppress(RuntimeError):
                 self._cancel_executor.submit(scope.cancel)
+            if self._cutting_short:
+                # Answered here, so that gRPC has no call left to cancel as it stops
+                # (it prints a bare CancelledError traceback for each one it does).
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
             raise
         except Exception as error:
             status = errors.to_status(error)
@@ -169,6 +178,7 @@ class AdAccountService:
             await context.abort(status.code, status.details, trailing)
             raise  # abort always raises; this keeps type checkers informed
         finally:
+            self._calls.discard(task)  # type: ignore[arg-type]
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -176,6 +186,12 @@ class AdAccountService:
     def start_draining(self) -> None:
         """From now on new calls get UNAVAILABLE; calls already in progress carry on."""
         self._draining = True
+
+    def cut_short(self) -> None:
+        """End every call still in progress with UNAVAILABLE (the shutdown grace is over)."""
+        self._cutting_short = True
+        for task in self._calls:
+            task.cancel()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in progress; False if some still are after `timeout` seconds."""
