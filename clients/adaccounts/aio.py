@@ -166,7 +166,7 @@ class AsyncAdAccountsClient:
     async def close(self) -> None:
         """Closes the connections; calls in progress are cancelled."""
         for channel in self._channels:
-            await channel.close()
+            await channel.close(None)  # no grace
 
     async def __aenter__(self) -> AsyncAdAccountsClient:
         return self

@@ -91,7 +91,8 @@ def from_rpc_error(error: grpc.RpcError) -> AdAccountsError:
     call = cast(_FailedCall, error)
     code = call.code()
     try:
-        status = rpc_status.from_call(call)  # needs only the methods above
+        # grpc_status types it grpc.Call; it only uses the methods above, which both flavours have.
+        status = rpc_status.from_call(cast(grpc.Call, call))
     except ValueError:  # a google.rpc.Status that contradicts the call's own status: ignore it
         status = None
     return _BY_CODE.get(code, AdAccountsError)(code, call.details() or "", status)
