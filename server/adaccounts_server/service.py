@@ -45,8 +45,7 @@ class AdAccountService:
         self._max_in_flight = max_concurrent_rpcs
         self._draining = False
         self._cutting_short = False
-        self._calls: set[asyncio.Task[Any]] = set()  # the handlers' tasks, for cut_short()
-        self._in_flight = 0
+        self._calls: set[asyncio.Task[Any]] = set()  # the calls in progress: their handlers' tasks
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -138,13 +137,12 @@ class AdAccountService:
         with the call's deadline, cancellation, overload and errors handled here."""
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
-        if self._in_flight >= self._max_in_flight:
+        if len(self._calls) >= self._max_in_flight:
             # Shed at once: queueing would only make every caller late.
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is overloaded ({self._in_flight} calls in progress); retry with backoff",
+                f"the server is overloaded ({len(self._calls)} calls in progress); retry with backoff",
             )
-        self._in_flight += 1
         self._idle.clear()
         task = asyncio.current_task()
         assert task is not None  # a handler always runs in a task of its own
@@ -179,8 +177,7 @@ class AdAccountService:
             raise  # abort always raises; this keeps type checkers informed
         finally:
             self._calls.discard(task)
-            self._in_flight -= 1
-            if self._in_flight == 0:
+            if not self._calls:
                 self._idle.set()
 
     def start_draining(self) -> None:
@@ -203,7 +200,7 @@ class AdAccountService:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._calls)
 
 
 class MalformedRequest:
