@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import Settings
-from .db import Database, safe_url
+from .db import open_database, safe_url
 from .health import DatabaseMonitor
 from .interceptors import Authenticator, CallGuard
 from .metrics import Metrics, server_gauges
@@ -33,51 +30,31 @@ log = logging.getLogger(__name__)
 _FINAL_STOP_GRACE_S = 1.0
 # How long calls on a connection past GRPC_MAX_CONNECTION_AGE_S may take to finish.
 _CONNECTION_AGE_GRACE_S = 30.0
-_CANCEL_THREADS = 2
 # How long calls cut short at the end of the grace may take to send their UNAVAILABLE.
 _CUT_SHORT_WAIT_S = 1.0
-# How long serve() lets idle worker threads notice the executors shut down.
-_THREAD_EXIT_WAIT_S = 1.0
 
 
 class App:
-    """One server process: the engine, the worker threads, the gRPC server, the health monitor."""
+    """One server process: the database and its pool, the gRPC server, the health monitor."""
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
-        self.database = Database(settings)
-        self.executor = ThreadPoolExecutor(max_workers=settings.GRPC_THREADS, thread_name_prefix="rpc")
-        # Cancel requests wait on the database and may hang as long as it is stalled: their
-        # own few threads, never asyncio's default executor, which asyncio.run() joins on exit.
-        self.cancel_executor = ThreadPoolExecutor(max_workers=_CANCEL_THREADS, thread_name_prefix="cancel")
+        self.database = open_database(settings)
         self.service = AdAccountService(
-            AdAccountRepository(self.database),
-            self.executor,
-            self.cancel_executor,
-            PageTokens(settings.page_token_key),
-            settings.max_concurrent_rpcs,
+            AdAccountRepository(self.database), PageTokens(settings.page_token_key), settings.MAX_CONCURRENT_RPCS
         )
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
         self.tracing = Tracing(settings) if settings.TRACING != "off" else None
         if self.tracing is not None:
-            self.tracing.trace_engine(self.database.engine)
-            self.database.traced()
-        else:
-            self.database.enable_loop_reads(self.cancel_executor)
+            self.database.tracer = self.tracing.sql_tracer()
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         if settings.METRICS_PORT is not None:
             self.metrics = Metrics()
-            self.database.on_ping = self.metrics.ping_answered
+            self.monitor.on_ping = self.metrics.ping_answered
             self.metrics.watch(
-                lambda: server_gauges(
-                    self.database.engine.pool,
-                    settings.DB_MAX_OVERFLOW,
-                    lambda: self.monitor.serving,
-                    settings.max_concurrent_rpcs,
-                    self.database.loop_pool,
-                )
+                lambda: server_gauges(self.database, lambda: self.monitor.serving, settings.MAX_CONCURRENT_RPCS)
             )
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -106,7 +83,7 @@ class App:
             self.metrics,
             client_certificates=self.settings.GRPC_TLS == "mtls",
         )
-        server.add_generic_rpc_handlers((rpc_handlers(self.service, guard.wrap),))
+        server.add_registered_method_handlers(SERVICE_NAME, rpc_handlers(self.service, guard.wrap))
         health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
         if self.settings.GRPC_REFLECTION:
             reflection.enable_server_reflection(
@@ -134,7 +111,8 @@ class App:
         if self.database.is_sqlite:
             # The embedded default: bring the file to the current schema with the
             # same migrations as PostgreSQL. PostgreSQL is never migrated here.
-            await asyncio.get_running_loop().run_in_executor(None, upgrade_to_head, self.database.url)
+            await asyncio.to_thread(upgrade_to_head, self.database.url)
+        await self.database.open()
         address = f"{settings.GRPC_HOST}:{settings.GRPC_PORT}"
         credentials = server_credentials(settings)
         try:
@@ -162,13 +140,11 @@ class App:
             await self.health_server.start()
             log.info("health only, plaintext, on %s:%d", settings.GRPC_HOST, self.health_port)
         log.info(
-            "serving adaccounts.v1 on %s:%d, %s (%d worker threads, pool %d+%d)",
+            "serving adaccounts.v1 on %s:%d, %s (database pool %d)",
             settings.GRPC_HOST,
             self.port,
             {"off": "plaintext (GRPC_TLS=off)", "tls": "TLS", "mtls": "mutual TLS"}[settings.GRPC_TLS],
-            settings.GRPC_THREADS,
-            settings.pool_size,
-            settings.DB_MAX_OVERFLOW,
+            self.database.pool_size,
         )
         return self.port
 
@@ -191,9 +167,7 @@ class App:
             await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))
         if self.health_server is not None:
             await self.health_server.stop(0)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.cancel_executor.shutdown(wait=False, cancel_futures=True)
-        self.database.dispose()
+        await self.database.close()
         if self.metrics is not None:
             self.metrics.stop()
         if self.tracing is not None:
@@ -213,22 +187,3 @@ class App:
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     asyncio.run(App(settings, reuse_port=reuse_port).run_until_signalled())
-    stuck = _threads_still_running(_THREAD_EXIT_WAIT_S)
-    if stuck:
-        # Threads still blocked in the database after the grace period (waiting
-        # on a row lock, or on a stalled server) would keep the process alive,
-        # since interpreter exit joins every worker thread, and could still
-        # commit work whose caller was already told UNAVAILABLE. Leave now:
-        # PostgreSQL rolls their transactions back when the connections drop.
-        log.warning("exiting with %d thread(s) still waiting on the database", len(stuck))
-        logging.shutdown()
-        os._exit(0)
-
-
-def _threads_still_running(timeout: float) -> list[threading.Thread]:
-    """The non-daemon threads (which interpreter exit would wait for) still alive after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    for thread in others:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    return [t for t in others if t.is_alive()]

@@ -25,10 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
     serve.add_argument("--host", help="interface to listen on (GRPC_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on, 0 for any free one (GRPC_PORT)")
-    serve.add_argument("--threads", type=int, help="worker threads for database work (GRPC_THREADS)")
-    serve.add_argument(
-        "--workers", type=int, help="server processes sharing the port (GRPC_WORKERS; default: the CPUs available)"
-    )
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (GRPC_WORKERS; default 1)")
 
     migrate = commands.add_parser(
         "migrate",
@@ -77,12 +74,12 @@ def _configure_logging(level: str, log_format: str = "auto") -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = _settings(GRPC_HOST=args.host, GRPC_PORT=args.port, GRPC_THREADS=args.threads, GRPC_WORKERS=args.workers)
+    settings = _settings(GRPC_HOST=args.host, GRPC_PORT=args.port, GRPC_WORKERS=args.workers)
     _configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     from . import workers
     from .app import serve
 
-    count = settings.GRPC_WORKERS or workers.default_workers()
+    count = settings.GRPC_WORKERS
     if count > 1:
         return workers.run(settings, count, _configure_logging)
     try:

@@ -22,7 +22,9 @@ EMBEDDED_DATABASE_URL = "sqlite:///adaccounts.db"
 # replica so that a page token minted by one is accepted by all.
 DEVELOPMENT_PAGE_TOKEN_SECRET = "adaccounts-development-only-page-token-secret"
 
-DEFAULT_THREADS = 8
+POSTGRES_DRIVER = "postgresql+psycopg"
+POSTGRES_URL_FORMS = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
+SQLITE_URL_FORMS = ("sqlite", "sqlite+pysqlite", "sqlite+aiosqlite")
 
 Positive = Annotated[int, Field(gt=0)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -69,17 +71,12 @@ class Settings(BaseSettings):
 
     GRPC_HOST: str = "0.0.0.0"
     GRPC_PORT: Annotated[int, Field(ge=0, lt=65536)] = 50051
-    # Threads that run database work. Each holds at most one connection, so the
-    # pool defaults to the same size and never makes an RPC wait for another.
-    GRPC_THREADS: Positive = DEFAULT_THREADS
 
-    DB_POOL_SIZE: Positive | None = None  # default: GRPC_THREADS
-    # PostgreSQL connections for point reads awaited on the event loop (loop_pool), besides
-    # the pool above. Measured on one worker at 64 reads in flight: 2, 4 and 8 serve alike
-    # (~2,900 Get/s; the loop's CPU is the limit), 1 loses ~5 %; 4 leaves room for a slower
-    # database without doubling the connections a worker holds.
-    DB_READ_POOL_SIZE: Positive = 4
-    DB_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 2  # headroom for the health monitor
+    # PostgreSQL connections each worker process keeps: every call's database work is
+    # awaited on the event loop, a call holding one connection while its statements run.
+    # (The health monitor has one more of its own.) The embedded SQLite default uses one.
+    DB_POOL_SIZE: Positive = 8
+    # How long a call waits for a pooled connection before it fails UNAVAILABLE.
     DB_POOL_TIMEOUT: Seconds = 2.0
     DB_POOL_RECYCLE: Seconds = 1800.0
     # Test a pooled connection with a round trip before lending it, when it has been idle
@@ -93,14 +90,14 @@ class Settings(BaseSettings):
     DB_STATEMENT_TIMEOUT_MAX_S: Seconds = 30.0
 
     # Calls in progress at once (health and reflection aside); past it, calls are
-    # refused with RESOURCE_EXHAUSTED at once instead of queueing. Default: 16 x GRPC_THREADS.
-    MAX_CONCURRENT_RPCS: Positive | None = None
+    # refused with RESOURCE_EXHAUSTED at once instead of queueing.
+    MAX_CONCURRENT_RPCS: Positive = 128
     # Largest request or response; a bigger request is refused with RESOURCE_EXHAUSTED.
     GRPC_MAX_MESSAGE_BYTES: Positive = 4 * 1024 * 1024
     # Connections are closed gracefully after this long, so clients rebalance.
     GRPC_MAX_CONNECTION_AGE_S: Seconds = 300.0
-    # Server processes sharing the port (`serve --workers`); default: the CPUs available.
-    GRPC_WORKERS: Positive | None = None
+    # Server processes sharing the port (`serve --workers`), each with its own event loop and pool.
+    GRPC_WORKERS: Positive = 1
     # Calls one connection (one HTTP/2 connection) may have open at once; the client queues the rest.
     GRPC_MAX_CONCURRENT_STREAMS: Positive = 100
 
@@ -165,10 +162,10 @@ class Settings(BaseSettings):
     def database_url(self) -> URL:
         """DATABASE_URL, else the POSTGRES_* parts, else the embedded SQLite file."""
         if self.DATABASE_URL is not None:
-            return _psycopg2(make_url(self.DATABASE_URL.get_secret_value()))
+            return _one_driver(make_url(self.DATABASE_URL.get_secret_value()))
         if self.POSTGRES_SERVER is not None:
             return URL.create(
-                "postgresql+psycopg2",
+                POSTGRES_DRIVER,
                 username=self.POSTGRES_USER,
                 password=self.POSTGRES_PASSWORD.get_secret_value() or None,
                 host=self.POSTGRES_SERVER,
@@ -181,7 +178,7 @@ class Settings(BaseSettings):
     def migration_database_url(self) -> URL:
         """Where `adaccounts migrate` connects: MIGRATION_DATABASE_URL, else the server's own URL."""
         if self.MIGRATION_DATABASE_URL is not None:
-            return _psycopg2(make_url(self.MIGRATION_DATABASE_URL.get_secret_value()))
+            return _one_driver(make_url(self.MIGRATION_DATABASE_URL.get_secret_value()))
         return self.database_url
 
     @cached_property
@@ -192,23 +189,17 @@ class Settings(BaseSettings):
         return _parse_tokens(self.AUTH_TOKENS.get_secret_value())
 
     @property
-    def pool_size(self) -> int:
-        return self.DB_POOL_SIZE or self.GRPC_THREADS
-
-    @property
-    def max_concurrent_rpcs(self) -> int:
-        return self.MAX_CONCURRENT_RPCS or 16 * self.GRPC_THREADS
-
-    @property
     def page_token_key(self) -> bytes:
         secret = self.PAGE_TOKEN_SECRET
         return (secret.get_secret_value() if secret else DEVELOPMENT_PAGE_TOKEN_SECRET).encode()
 
 
-def _psycopg2(url: URL) -> URL:
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is not
-    # installed; psycopg2 is the driver this service ships with.
-    return url.set(drivername="postgresql+psycopg2") if url.drivername == "postgresql" else url
+def _one_driver(url: URL) -> URL:
+    """Every PostgreSQL URL form deployed Secrets may hold selects psycopg 3, the one
+    driver the service ships: postgresql://, postgres://, postgresql+psycopg2://."""
+    if url.drivername in POSTGRES_URL_FORMS:
+        return url.set(drivername=POSTGRES_DRIVER)
+    return url
 
 
 def _check_url(name: str, get_url: Callable[[], URL]) -> None:
@@ -218,10 +209,10 @@ def _check_url(name: str, get_url: Callable[[], URL]) -> None:
         raise ValueError(f"{name}: not a database URL ({type(exc).__name__})") from None
     if url.get_backend_name() not in ("postgresql", "sqlite"):
         raise ValueError(f"{name}: unsupported database {url.get_backend_name()!r} (postgresql or sqlite)")
-    try:  # fail here, in one line, rather than with a traceback at the first connection
-        url.get_dialect().import_dbapi()
-    except Exception:  # ImportError, or NoSuchModuleError for an unknown driver
-        raise ValueError(f"{name}: driver {url.drivername!r} is not installed") from None
+    if url.drivername not in (POSTGRES_DRIVER, *SQLITE_URL_FORMS):
+        raise ValueError(
+            f"{name}: driver {url.drivername!r} is not supported: use postgresql:// (psycopg 3) or sqlite://"
+        )
 
 
 def _check_tls(settings: Settings) -> None:

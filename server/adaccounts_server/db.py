@@ -1,337 +1,545 @@
-"""The one engine, the session scope (with each RPC's deadline) and the database ping.
+"""The database: one connection pool per worker process, every statement awaited on the event loop.
 
-The seed kept a module-level engine built at import; here the engine is built
-from settings when the server starts and disposed when it stops, so tests and
-worker processes each own theirs. On PostgreSQL, Get's and BatchGet's reads use a few
-connections of their own, awaited on the event loop (loop_pool, owned here too).
+The seed kept a module-level engine built at import; here the database is built
+from settings when the server starts and closed when it stops, so tests and
+worker processes each own theirs. The repository hands it SQLAlchemy statements
+(built once) and gets rows back; what differs between the two backends stays here:
+
+- PostgreSQL (`PostgresDatabase`): psycopg 3's asyncio connections from one
+  `psycopg_pool.AsyncConnectionPool` of DB_POOL_SIZE. Each statement is compiled
+  once by SQLAlchemy and sent in the simple-query protocol with its parameters
+  bound client-side, so the call's `SET LOCAL statement_timeout` travels in the
+  same message as the statement (one round trip) and no server-side prepared
+  statement exists that PgBouncer's transaction pooling could lose.
+- SQLite, the zero-setup default (`SqliteDatabase`): SQLAlchemy's asyncio engine
+  over aiosqlite, with one connection, so writes never contend for SQLite's lock.
+
+Both give rows with the table's Python types (enums as enums) under their column
+names, and raise the errors below instead of their drivers' own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
-import threading
 import time
-from collections import namedtuple
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
-from typing import Any, TypeVar
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Any, ClassVar, NamedTuple
 
-from sqlalchemy import Engine, Executable, Row, create_engine, event, text
+import sqlalchemy as sa
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, DisconnectionError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from .config import Settings
-from .errors import DeadlineExceeded, first_line
-from .loop_pool import LoopPool
-from .pg_cancel import CancelRequest
 
 log = logging.getLogger(__name__)
 
-Result = TypeVar("Result")
+Row = Any  # a row: the selected columns as attributes, with the table's Python types
 
-# Execution option: run the statement under this statement_timeout (ms), sent in
-# the same message (see Database.read and _send_timeout_with_statement).
-_TIMEOUT_MS = "adaccounts_statement_timeout_ms"
+# How much longer than its statement_timeout a round trip may take before the
+# database is deemed to have stopped answering at all (a stalled server cannot
+# enforce its own timeout).
+ANSWER_GRACE_S = 1.0
+# PostgreSQL's SQLSTATEs: query_canceled (statement_timeout, cancel request), unique_violation.
+QUERY_CANCELED = "57014"
+UNIQUE_VIOLATION = "23505"
+
+
+# --- what goes wrong, in the database's own terms (errors.py maps these to statuses) ---------
+
+
+class DatabaseError(Exception):
+    """The database could not do what was asked; the message is safe to log (no SQL, no host)."""
+
+
+class Unreachable(DatabaseError):
+    """The database could not be reached, or the connection was lost: nothing was changed."""
+
+    def __init__(self, message: str, *, connection_lost: bool = False) -> None:
+        super().__init__(message)
+        self.connection_lost = connection_lost  # a read may be retried on a fresh connection
+
+
+class Busy(DatabaseError):
+    """No pooled connection became free in time."""
+
+
+class TimedOut(DatabaseError):
+    """The call's deadline (or DB_STATEMENT_TIMEOUT_MAX_S) ran out before the database answered."""
+
+
+class CommitUnknown(DatabaseError):
+    """COMMIT was sent but its answer never came: the write may or may not have been applied."""
+
+
+class UniqueViolation(DatabaseError):
+    """A unique constraint refused the write (the transaction was rolled back)."""
+
+
+# --- one call's limits -------------------------------------------------------------------------
 
 
 class CallScope:
-    """What the database work of one RPC must respect: its caller's deadline, and
-    its caller going away. Sessions opened under it turn the remaining time into
-    the transaction's statement_timeout, and cancel() stops the query in flight."""
+    """What the database work of one RPC must respect: its caller's deadline."""
 
     def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline  # time.monotonic() value, None for no deadline
-        self._lock = threading.Lock()
-        self._connection: Any = None  # the DBAPI connection while a session is open
-        self._cancelled = False
+        self.deadline = deadline  # time.monotonic() value; None for no deadline
 
     def remaining(self) -> float | None:
-        """Seconds left; DeadlineExceeded when none are, or when the caller has gone."""
-        if self._cancelled:
-            raise DeadlineExceeded("the call was cancelled")
+        """Seconds left; TimedOut when none are."""
         if self.deadline is None:
             return None
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise DeadlineExceeded("the deadline passed before the database was asked")
+            raise TimedOut("the deadline passed before the database was asked")
         return left
 
-    def cancel(self) -> None:
-        """Ask PostgreSQL to stop this call's running statement (safe from any thread;
-        it may block for as long as the database does not answer, never the others)."""
-        with self._lock:
-            self._cancelled = True
-            connection = self._connection
-            # Taken while the connection is surely open: attached() waits for this lock.
-            request = CancelRequest.of(connection) if connection is not None else None
-        if request is not None:
-            request.send()
-        elif connection is not None:
-            try:
-                connection.cancel()
-            except Exception as error:  # the connection may be broken already
-                log.debug("cancelling a statement failed: %s", error)
 
-    @contextmanager
-    def attached(self, connection: Any) -> Iterator[None]:
-        with self._lock:
-            self._connection = connection
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._connection = None
+NO_DEADLINE = CallScope(None)
 
 
-_current_scope: ContextVar[CallScope | None] = ContextVar("adaccounts_call_scope", default=None)
+# --- a portable "column is one of these" --------------------------------------------------------
 
 
-def run_in_scope(scope: CallScope, work: Callable[..., Result], *args: Any) -> Result:
-    """Run `work` (on a worker thread) with every session it opens bound to `scope`."""
-    token = _current_scope.set(scope)
-    try:
-        scope.remaining()  # the caller may have given up while this call queued for a thread
-        return work(*args)
-    finally:
-        _current_scope.reset(token)
+class AnyOf(ColumnElement[bool]):
+    """`column = ANY(:name)` on PostgreSQL (one constant statement whatever the list's length);
+    an expanding `column IN (...)` elsewhere."""
+
+    inherit_cache = True
+    type = sa.Boolean()
+    _traverse_internals: ClassVar[Any] = [("column", InternalTraversal.dp_clauseelement), ("name", InternalTraversal.dp_string)]
+
+    def __init__(self, column: ColumnElement[Any], name: str) -> None:
+        self.column = column
+        self.name = name
 
 
-class Database:
-    """Owns the process's engine and hands out one session per unit of work."""
+@compiles(AnyOf)
+def _in_list(element: AnyOf, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column.in_(sa.bindparam(element.name, expanding=True)), **kw))
+
+
+@compiles(AnyOf, "postgresql")
+def _any_array(element: AnyOf, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column == sa.any_(sa.bindparam(element.name)), **kw))
+
+
+# --- the interface the repository uses ----------------------------------------------------------
+
+
+class Transaction(ABC):
+    @abstractmethod
+    async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None = None) -> list[Row]:
+        """The rows of one statement inside the transaction (none for a statement without rows)."""
+
+
+class Database(ABC):
+    """Owns the process's connections and hands out one transaction per unit of work."""
+
+    is_sqlite = False
 
     def __init__(self, settings: Settings) -> None:
         self.url = settings.database_url
-        self.engine = build_engine(settings)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
-        self._max_statement_s = settings.DB_STATEMENT_TIMEOUT_MAX_S
-        self._prebuilt: dict[Executable, tuple[str, Callable[[tuple[Any, ...]], Any]]] = {}
-        # Prebuilt reads skip SQLAlchemy's Connection, so its event hooks (tracing's
-        # SQL spans) do not see them; traced() turns the shortcut off.
-        self._fast_reads = not self.is_sqlite
-        # Told how long each ping that answered took (the metrics' ping latency), when set.
-        self.on_ping: Callable[[float], None] | None = None
-        self._settings = settings
-        self._loop_pool: LoopPool | None = None
+        self.max_statement_s = settings.DB_STATEMENT_TIMEOUT_MAX_S
+        self.pool_size = settings.DB_POOL_SIZE
+        self.tracer: Any = None  # an OpenTelemetry tracer: one span per round trip, when set
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
+        """The rows of one read-only statement, outside any transaction; retried once on a
+        fresh connection if the first one turns out dead (a database restart costs no call)."""
+
+    @abstractmethod
+    def transaction(self, scope: CallScope) -> AbstractAsyncContextManager[Transaction]:
+        """One transaction: committed if the block returns, rolled back if it raises."""
+
+    @abstractmethod
+    async def ping(self, timeout: float) -> None:
+        """`SELECT 1`; raises a DatabaseError when the database cannot answer within `timeout`."""
+
+    @abstractmethod
+    async def schema_revisions(self, timeout: float) -> tuple[str, ...]:
+        """The revision(s) in alembic_version; () for a database never migrated."""
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.url.get_backend_name() == "sqlite"
+    @abstractmethod
+    def checked_out(self) -> int:
+        """Connections lent out right now (zero at rest)."""
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed if the block returns, rolled back if it raises, always closed.
-
-        On PostgreSQL no statement in it outlives DB_STATEMENT_TIMEOUT_MAX_S or the
-        deadline of the RPC it serves, and the RPC's cancellation cancels it.
-        """
-        scope = _current_scope.get()
-        with self._sessions() as session, session.begin():
-            if self.is_sqlite:
-                yield session
-                return
-            connection = session.connection()
-            # SET LOCAL: scoped to this transaction, so it is also right behind PgBouncer.
-            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {self._timeout_ms(scope)}")
-            if scope is None:
-                yield session
-                return
-            with scope.attached(connection.connection.dbapi_connection):
-                yield session
-
-    def read(
-        self, statement: Executable, parameters: dict[str, Any] | None = None, *, prebuilt: bool = False
-    ) -> Sequence[Any]:
-        """The rows of one read-only statement, in one round trip on PostgreSQL.
-
-        A lone SELECT needs no transaction of its own, so it runs in autocommit (no
-        BEGIN/COMMIT pair), and the call's statement_timeout travels in the same
-        message: SET LOCAL applies to the implicit transaction of a multi-statement
-        query, so it never outlives it and, behind PgBouncer, reaches the same
-        server connection as the SELECT.
-
-        `prebuilt`: the statement is a constant without IN-lists. On PostgreSQL it is
-        compiled once and run straight on the pooled psycopg2 connection, skipping
-        SQLAlchemy's per-execution work, which is a third of a point read's CPU.
-
-        Retried once if its connection turns out dead (a database restart or a
-        killed backend): by then the pool has discarded every connection older
-        than the failure, so the retry gets a fresh one.
-        """
-        read_once = self._read_prebuilt if prebuilt and self._fast_reads else self._read_once
-        try:
-            return read_once(statement, parameters)
-        except DBAPIError as error:
-            if not error.connection_invalidated:
-                raise
-            log.info("retrying a read on a fresh connection: %s", first_line(error.orig))
-        return read_once(statement, parameters)
-
-    def _read_once(self, statement: Executable, parameters: dict[str, Any] | None) -> Sequence[Row[Any]]:
-        scope = _current_scope.get()
-        with self.engine.connect() as connection:
-            if self.is_sqlite:  # pysqlite opens no transaction for a SELECT anyway
-                return connection.execute(statement, parameters).all()
-            options = {_TIMEOUT_MS: self._timeout_ms(scope)}
-            dbapi_connection = connection.connection.dbapi_connection
-            with _autocommit(dbapi_connection), scope.attached(dbapi_connection) if scope else nullcontext():
-                return connection.execute(statement, parameters, execution_options=options).all()
-
-    def _read_prebuilt(self, statement: Executable, parameters: dict[str, Any] | None) -> list[Any]:
-        sql, make_row = self._compiled(statement)
-        scope = _current_scope.get()
-        sql = _with_timeout(sql, self._timeout_ms(scope))
-        dbapi_error = self.engine.dialect.loaded_dbapi.Error
-        pooled = None
-        try:
-            pooled = self.engine.raw_connection()
-            dbapi_connection = pooled.dbapi_connection
-            with (
-                _autocommit(dbapi_connection),
-                scope.attached(dbapi_connection) if scope else nullcontext(),
-                dbapi_connection.cursor() as cursor,
-            ):
-                cursor.execute(sql, parameters)
-                return [make_row(values) for values in cursor.fetchall()]
-        except dbapi_error as error:
-            # What SQLAlchemy's own Connection does with a DBAPI error, for this path.
-            disconnected = self.engine.dialect.is_disconnect(error, pooled and pooled.dbapi_connection, None)
-            if disconnected and pooled is not None:
-                # Discard this connection and every one older: the database probably
-                # restarted. The same call SQLAlchemy's Connection makes on a disconnect.
-                self.engine.pool._invalidate(pooled, error)
-            raise DBAPIError.instance(
-                sql, parameters, error, dbapi_error, connection_invalidated=disconnected
-            ) from error
-        finally:
-            if pooled is not None:
-                pooled.close()
-
-    def enable_loop_reads(self, cancel_executor: Executor) -> None:
-        """From now on, reads_on_loop() serves point reads on the event loop (PostgreSQL
-        only; see loop_pool). Cancel requests are sent from `cancel_executor`."""
-        if not self._fast_reads:
-            return
-        settings = self._settings
-        self._loop_pool = LoopPool(
-            self.engine,
-            postgres_connect_args(settings),
-            size=settings.DB_READ_POOL_SIZE,
-            timeout=settings.DB_POOL_TIMEOUT,
-            connect_timeout=settings.DB_CONNECT_TIMEOUT,
-            recycle=settings.DB_POOL_RECYCLE,
-            pre_ping_idle_s=settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None,
-            cancel_executor=cancel_executor,
-        )
-
-    @property
-    def reads_on_loop(self) -> bool:
-        return self._loop_pool is not None
-
-    @property
-    def loop_pool(self) -> LoopPool | None:
-        """The event loop's connections for point reads, once enable_loop_reads() made them."""
-        return self._loop_pool
-
-    async def read_prebuilt_on_loop(
-        self, statement: Executable, parameters: dict[str, Any], scope: CallScope | None
-    ) -> list[Any]:
-        """read(statement, parameters, prebuilt=True), awaited on the event loop: the same
-        SQL, timeout and rows, without a worker thread (see loop_pool)."""
-        assert self._loop_pool is not None, "enable_loop_reads() first"
-        sql, make_row = self._compiled(statement)
-        timeout_ms = self._timeout_ms(scope)
-        rows = await self._loop_pool.fetchall(_with_timeout(sql, timeout_ms), parameters, timeout_ms / 1000)
-        return [make_row(values) for values in rows]
-
-    def _compiled(self, statement: Executable) -> tuple[str, Callable[[tuple[Any, ...]], Any]]:
-        """The statement's SQL for this engine and a row maker, built on first use."""
-        found = self._prebuilt.get(statement)
-        if found is None:
-            compiled = statement.compile(dialect=self.engine.dialect)
-            names = [column.key for column in statement.selected_columns]  # type: ignore[attr-defined]
-            found = self._prebuilt[statement] = (str(compiled), namedtuple("PrebuiltRow", names)._make)
-        return found
-
-    def _timeout_ms(self, scope: CallScope | None) -> int:
+    def timeout_ms(self, scope: CallScope) -> int:
         """The statement_timeout for a call: its remaining deadline, capped."""
-        remaining = scope.remaining() if scope else None
-        limit = self._max_statement_s if remaining is None else min(remaining, self._max_statement_s)
+        remaining = scope.remaining()
+        limit = self.max_statement_s if remaining is None else min(remaining, self.max_statement_s)
         return max(1, int(limit * 1000))
 
-    def traced(self) -> None:
-        """Every statement through SQLAlchemy's Connection, where tracing sees it."""
-        self._fast_reads = False
-        if self._loop_pool is not None:
-            self._loop_pool.close()
-            self._loop_pool = None
+    def _span(self, sql: str) -> AbstractAsyncContextManager[Any] | Any:
+        if self.tracer is None:
+            return nullcontext()
+        from opentelemetry.trace import SpanKind
 
-    def ping(self) -> None:
-        """`SELECT 1` through the pool; raises when the database cannot answer."""
-        started = time.perf_counter()
-        with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        if self.on_ping is not None:
-            self.on_ping(time.perf_counter() - started)
+        return self.tracer.start_as_current_span(
+            sql.split(None, 1)[0].upper() if sql.strip() else "SQL",
+            kind=SpanKind.CLIENT,
+            attributes={"db.system": "sqlite" if self.is_sqlite else "postgresql", "db.statement": sql},
+        )
 
+
+def open_database(settings: Settings) -> Database:
+    """The backend DATABASE_URL names (not yet opened)."""
+    if settings.database_url.get_backend_name() == "sqlite":
+        return SqliteDatabase(settings)
+    return PostgresDatabase(settings)
+
+
+# --- PostgreSQL: psycopg 3 and its pool -----------------------------------------------------------
+
+
+class _Compiled(NamedTuple):
+    sql: str  # with %(name)s placeholders
+    make_row: Callable[[Sequence[Any]], Row] | None  # None: the statement returns no rows
+
+
+class PostgresDatabase(Database):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        import psycopg
+        from psycopg_pool import AsyncConnectionPool
+
+        self._psycopg = psycopg
+        self._dialect = sa.dialects.postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+        self._compiled: dict[sa.Executable, _Compiled] = {}
+        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._ping_idle_s = settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None
+        self._connect_timeout = settings.DB_CONNECT_TIMEOUT
+        self._conninfo_kwargs = libpq_parameters(settings.database_url, settings.DB_CONNECT_TIMEOUT)
+        self._pool = AsyncConnectionPool(
+            kwargs={
+                **self._conninfo_kwargs,
+                "autocommit": True,
+                "cursor_factory": psycopg.AsyncClientCursor,
+                "prepare_threshold": None,
+            },
+            min_size=settings.DB_POOL_SIZE,
+            max_size=settings.DB_POOL_SIZE,
+            timeout=settings.DB_POOL_TIMEOUT,
+            max_lifetime=settings.DB_POOL_RECYCLE,
+            reconnect_timeout=max(settings.DB_POOL_RECYCLE, 60.0),
+            configure=self._configure,
+            check=self._check,
+            name="adaccounts",
+            open=False,
+        )
+        self._monitor_connection: Any = None  # the health monitor's own (see ping)
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close(timeout=1.0)
+        if self._monitor_connection is not None:
+            await self._monitor_connection.close()
+            self._monitor_connection = None
+
+    @property
     def checked_out(self) -> int:
-        """Connections currently lent out by the pools (zero at rest)."""
-        on_loop = self._loop_pool.checked_out if self._loop_pool is not None else 0
-        return self.engine.pool.checkedout() + on_loop  # type: ignore[attr-defined]
+        stats = self._pool.get_stats()
+        return int(stats.get("pool_size", 0) - stats.get("pool_available", 0))
 
-    def dispose(self) -> None:
-        if self._loop_pool is not None:
-            self._loop_pool.close()
-        self.engine.dispose()
+    # --- lending -------------------------------------------------------------------------------
+
+    async def _configure(self, connection: Any) -> None:
+        self._idle_since[connection] = time.monotonic()
+
+    async def _check(self, connection: Any) -> None:
+        """The pool's check on lending: a round trip only for a connection idle longer than
+        DB_POOL_PRE_PING_IDLE_S. A connection in steady use needs none: if the database
+        restarted under it, its next statement fails as a disconnect, every pooled
+        connection is then replaced (drain), and reads are retried once."""
+        if self._ping_idle_s is None:
+            return
+        if time.monotonic() - self._idle_since.get(connection, 0.0) < self._ping_idle_s:
+            return
+        async with asyncio.timeout(self._connect_timeout):
+            await connection.execute("SELECT 1")
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        try:
+            connection = await self._pool.getconn()
+        except self._psycopg_pool_timeout() as error:
+            raise Busy(f"no database connection became free within {self._pool.timeout:g} s") from error
+        try:
+            yield connection
+        finally:
+            self._idle_since[connection] = time.monotonic()
+            await self._pool.putconn(connection)
+
+    def _psycopg_pool_timeout(self) -> type[Exception]:
+        from psycopg_pool import PoolTimeout
+
+        return PoolTimeout
+
+    # --- statements ----------------------------------------------------------------------------
+
+    def _compile(self, statement: sa.Executable) -> _Compiled:
+        """The statement's SQL for psycopg and its row maker, built on first use."""
+        found = self._compiled.get(statement)
+        if found is None:
+            sql = str(statement.compile(dialect=self._dialect))  # type: ignore[attr-defined]
+            columns = list(getattr(statement, "exported_columns", ()))
+            found = self._compiled[statement] = _Compiled(sql, _row_maker(columns) if columns else None)
+        return found
+
+    async def _round_trip(
+        self,
+        connection: Any,
+        statement: sa.Executable,
+        parameters: dict[str, Any] | None,
+        prefix: str,
+        scope: CallScope,
+    ) -> list[Row]:
+        compiled = self._compile(statement)
+        timeout_ms = self.timeout_ms(scope)
+        # SET LOCAL binds to the transaction, explicit or the implicit one of a
+        # multi-statement message: the timeout covers this statement and ends with it.
+        sql = f"{prefix}SET LOCAL statement_timeout = {timeout_ms}; {compiled.sql}"
+        cursor = connection.cursor()
+        async with self._span(compiled.sql), asyncio.timeout(timeout_ms / 1000 + ANSWER_GRACE_S):
+            await cursor.execute(sql, _db_values(parameters) if parameters else None)
+        while cursor.nextset():  # the statement's result follows SET's (and BEGIN's)
+            pass
+        if compiled.make_row is None or cursor.description is None:
+            return []
+        return [compiled.make_row(values) for values in await cursor.fetchall()]
+
+    async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
+        try:
+            return await self._fetch_once(statement, parameters, scope)
+        except Unreachable as error:
+            if not error.connection_lost:
+                raise
+            log.info("retrying a read on a fresh connection")
+        return await self._fetch_once(statement, parameters, scope)
+
+    async def _fetch_once(
+        self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope
+    ) -> list[Row]:
+        async with self._connection() as connection:
+            try:
+                return await self._round_trip(connection, statement, parameters, "", scope)
+            except Exception as error:
+                translated = await self._translate(error, connection)
+                if translated is None:
+                    raise
+                raise translated from None
+
+    @asynccontextmanager
+    async def transaction(self, scope: CallScope) -> AsyncIterator[Transaction]:
+        async with self._connection() as connection:
+            transaction = _PostgresTransaction(self, connection, scope)
+            try:
+                yield transaction
+            except BaseException:
+                await transaction.abandon()
+                raise
+            if transaction.begun:
+                await transaction.commit()
+
+    async def _translate(self, error: BaseException, connection: Any) -> DatabaseError | None:
+        """A driver error as one of ours (None: not about the database, a bug say)."""
+        psycopg = self._psycopg
+        if isinstance(error, TimeoutError):
+            return TimedOut("the database did not answer before the deadline")
+        if isinstance(error, psycopg.Error):
+            if error.sqlstate == QUERY_CANCELED:
+                return TimedOut("the database did not answer before the deadline")
+            if error.sqlstate == UNIQUE_VIOLATION:
+                return UniqueViolation(getattr(error.diag, "constraint_name", None) or "unique constraint")
+            if connection.broken or connection.closed or isinstance(error, psycopg.OperationalError):
+                log.warning("database unavailable: %s", type(error).__name__)
+                if connection.broken or connection.closed:
+                    # The database restarted or dropped us: the pooled connections are as dead as this one.
+                    await self._pool.drain()
+                    return Unreachable("the connection to the database was lost", connection_lost=True)
+                return Unreachable("the database is unavailable")
+        return None
+
+    # --- health ----------------------------------------------------------------------------------
+
+    async def _monitor(self, timeout: float) -> Any:
+        """The health monitor's own connection, so that a pool busy with calls (rows locked,
+        say) never reads as a database that is down."""
+        connection = self._monitor_connection
+        if connection is not None and not connection.closed and not connection.broken:
+            return connection
+        self._monitor_connection = None
+        psycopg = self._psycopg
+        try:
+            async with asyncio.timeout(timeout):
+                connection = await psycopg.AsyncConnection.connect(
+                    **{**self._conninfo_kwargs, "application_name": "adaccounts-health"},
+                    autocommit=True,
+                    prepare_threshold=None,
+                )
+        except (psycopg.Error, TimeoutError) as error:
+            raise Unreachable(_connect_failure(error)) from None
+        self._monitor_connection = connection
+        return connection
+
+    async def _monitor_query(self, sql: str, timeout: float) -> list[tuple[Any, ...]]:
+        started = time.monotonic()
+        connection = await self._monitor(timeout)
+        left = max(0.001, timeout - (time.monotonic() - started))
+        try:
+            async with asyncio.timeout(left):
+                cursor = await connection.execute(sql)
+                return list(await cursor.fetchall())
+        except (self._psycopg.Error, TimeoutError) as error:
+            self._monitor_connection = None
+            await _close_quietly(connection)
+            if isinstance(error, TimeoutError):
+                raise TimedOut(f"the database did not answer within {timeout:g} s") from None
+            raise Unreachable(f"the database failed a ping ({type(error).__name__})") from None
+
+    async def ping(self, timeout: float) -> None:
+        await self._monitor_query("SELECT 1", timeout)
+
+    async def schema_revisions(self, timeout: float) -> tuple[str, ...]:
+        exists = await self._monitor_query("SELECT to_regclass('alembic_version') IS NOT NULL", timeout)
+        if not exists[0][0]:
+            return ()
+        rows = await self._monitor_query("SELECT version_num FROM alembic_version", timeout)
+        return tuple(revision for (revision,) in rows)
 
 
-@contextmanager
-def _autocommit(dbapi_connection: Any) -> Iterator[None]:
-    """psycopg2 in autocommit for one statement: no BEGIN/COMMIT round trips.
+class _PostgresTransaction(Transaction):
+    """BEGIN travels with the first statement; COMMIT goes alone once the block is done, and
+    once sent it is seen through, so a caller never hears "nothing happened" of a write
+    the database then applies."""
 
-    Set on psycopg2 itself rather than with SQLAlchemy's isolation_level="AUTOCOMMIT",
-    whose undoing costs a `SET default_transaction_isolation` round trip.
-    """
-    dbapi_connection.autocommit = True
+    def __init__(self, database: PostgresDatabase, connection: Any, scope: CallScope) -> None:
+        self._db = database
+        self._connection = connection
+        self._scope = scope
+        self.begun = False
+
+    async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None = None) -> list[Row]:
+        prefix = "" if self.begun else "BEGIN; "
+        self.begun = True
+        try:
+            return await self._db._round_trip(self._connection, statement, parameters, prefix, self._scope)
+        except Exception as error:
+            translated = await self._db._translate(error, self._connection)
+            if translated is None:
+                raise
+            raise translated from None
+
+    async def commit(self) -> None:
+        connection = self._connection
+        timeout_s = self._db.timeout_ms(NO_DEADLINE) / 1000 + ANSWER_GRACE_S
+        committing = asyncio.ensure_future(_execute_within(connection, "COMMIT", timeout_s))
+        try:
+            await asyncio.shield(committing)
+        except asyncio.CancelledError:
+            # The caller went away with COMMIT on the wire: its outcome, not the
+            # cancellation, decides what happened, so wait for it and answer that.
+            await asyncio.wait([committing])
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        try:
+            committing.result()
+        except (self._db._psycopg.Error, TimeoutError) as error:
+            await _close_quietly(connection)
+            raise CommitUnknown(
+                f"the database did not confirm the commit ({type(error).__name__}); the write may have been applied"
+            ) from None
+
+    async def abandon(self) -> None:
+        """Roll back (the block raised or was cancelled); close the connection if that fails."""
+        connection = self._connection
+        if connection.closed or connection.info.transaction_status == connection.info.transaction_status.IDLE:
+            return
+        try:
+            await _execute_within(connection, "ROLLBACK", self._db._connect_timeout)
+        except BaseException:
+            await _close_quietly(connection)
+            raise
+
+
+async def _execute_within(connection: Any, sql: str, timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        await connection.execute(sql)
+
+
+async def _close_quietly(connection: Any) -> None:
     try:
-        yield
-    finally:
-        if not dbapi_connection.closed:  # back to transactions before the pool lends it again
-            dbapi_connection.autocommit = False
+        await connection.close()
+    except Exception as error:  # already broken
+        log.debug("closing a connection failed: %s", type(error).__name__)
 
 
-def build_engine(settings: Settings) -> Engine:
-    url = settings.database_url
-    sqlite = url.get_backend_name() == "sqlite"
-    if sqlite:
-        # Sessions run in worker threads; the pool hands each connection to one thread at a time.
-        connect_args: dict[str, Any] = {"check_same_thread": False, "timeout": settings.DB_POOL_TIMEOUT}
-    else:
-        connect_args = postgres_connect_args(settings)
-    engine = create_engine(
-        url,
-        pool_pre_ping=False,  # see _ping_when_idle
-        pool_size=settings.pool_size,
-        max_overflow=settings.DB_MAX_OVERFLOW,
-        pool_timeout=settings.DB_POOL_TIMEOUT,
-        pool_recycle=settings.DB_POOL_RECYCLE,
-        connect_args=connect_args,
-    )
-    if sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        event.listen(engine, "before_cursor_execute", _send_timeout_with_statement, retval=True)
-    if settings.DB_POOL_PRE_PING:
-        _ping_when_idle(engine, settings.DB_POOL_PRE_PING_IDLE_S)
-    return engine
+def _db_values(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Enums as their stored values, alone or in lists (AnyOf); psycopg adapts the rest."""
+    return {name: _db_value(value) for name, value in parameters.items()}
 
 
-def postgres_connect_args(settings: Settings) -> dict[str, Any]:
-    """libpq parameters of every connection, the engine's and the loop pool's."""
+def _db_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [_db_value(item) for item in value]
+    return value
+
+
+def _row_maker(columns: Iterable[Any]) -> Callable[[Sequence[Any]], Row]:
+    """Rows as named tuples, stored enum values turned back into the table's enums."""
+    columns = list(columns)
+    names = [column.key for column in columns]
+    enums = [getattr(column.type, "enum_class", None) for column in columns]
+    shape = NamedTuple("Row", [(name, Any) for name in names])  # type: ignore[misc]
+    if not any(enums):
+        return shape._make  # type: ignore[no-any-return]
+
+    def make(values: Sequence[Any]) -> Row:
+        return shape._make(
+            kind(value) if kind is not None and value is not None else value
+            for kind, value in zip(enums, values, strict=True)
+        )
+
+    return make
+
+
+def libpq_parameters(url: URL, connect_timeout: int) -> dict[str, Any]:
+    """libpq's connection parameters for `url`, plus the service's own."""
+    parameters: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": url.host,
+            "port": url.port,
+            "user": url.username,
+            "password": url.password,
+            "dbname": url.database,
+        }.items()
+        if value is not None
+    }
+    for key, value in url.query.items():  # e.g. sslmode, passfile, options
+        parameters[key] = value if isinstance(value, str) else value[-1]
     return {
-        "connect_timeout": settings.DB_CONNECT_TIMEOUT,
+        **parameters,
+        "connect_timeout": connect_timeout,
         "application_name": "adaccounts",
         # Notice a peer that vanished (host down, network cut) within ~20 s
         # instead of the kernel's two hours.
@@ -342,53 +550,101 @@ def postgres_connect_args(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _ping_when_idle(engine: Engine, idle_s: float) -> None:
-    """Pre-ping only connections idle longer than `idle_s`.
+def _connect_failure(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "connecting to the database timed out"
+    return f"cannot connect to the database ({type(error).__name__})"
 
-    SQLAlchemy's pre-ping costs a round trip on every checkout, ~10 % of a point
-    read here. A connection in steady use needs none: if the database restarted
-    under it, its next statement fails as a disconnect, SQLAlchemy then discards
-    every connection older than that moment, and Database.read() retries reads
-    once. An idle connection is where a restart hides, so it is checked first.
-    """
 
-    @event.listens_for(engine, "checkin")
-    def _note_idle(_dbapi_connection: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
+# --- SQLite: SQLAlchemy's asyncio engine over aiosqlite ---------------------------------------------
 
-    @event.listens_for(engine, "checkout")
-    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        idle_since = record.info.get("idle_since")  # absent on a connection just made
-        if idle_since is None or time.monotonic() - idle_since < idle_s:
-            return
+
+class SqliteDatabase(Database):
+    is_sqlite = True
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        from sqlalchemy import event
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        url = settings.database_url.set(drivername="sqlite+aiosqlite")
+        # One connection: SQLite has one writer at a time, and a second connection's
+        # write would fail with "database is locked" instead of waiting its turn.
+        self.engine = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=settings.DB_POOL_TIMEOUT, pool_pre_ping=False
+        )
+        self.pool_size = 1
+        event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._checked_out = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @property
+    def checked_out(self) -> int:
+        return self._checked_out
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
         try:
-            alive = engine.dialect.do_ping(dbapi_connection)
-        except engine.dialect.loaded_dbapi.Error as error:
-            if not engine.dialect.is_disconnect(error, dbapi_connection, None):
-                raise
-            alive = False
-        if not alive:
-            raise DisconnectionError("connection found dead by the idle pre-ping")  # the pool reconnects
+            async with self.engine.connect() as connection:
+                self._checked_out += 1
+                try:
+                    yield connection
+                finally:
+                    self._checked_out -= 1
+        except sa.exc.TimeoutError as error:
+            raise Busy("no database connection became free in time") from error
+
+    async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
+        scope.remaining()
+        async with self._connection() as connection:
+            async with self._span(str(statement)):
+                result = await connection.execute(statement, parameters)
+            return list(result.all()) if result.returns_rows else []
+
+    @asynccontextmanager
+    async def transaction(self, scope: CallScope) -> AsyncIterator[Transaction]:
+        scope.remaining()
+        async with self._connection() as connection:
+            try:
+                async with connection.begin():
+                    yield _SqliteTransaction(self, connection)
+            except sa.exc.IntegrityError as error:
+                raise UniqueViolation("unique constraint") from error
+
+    async def ping(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout), self.engine.connect() as connection:
+                await connection.execute(sa.text("SELECT 1"))
+        except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as error:
+            raise Unreachable(f"the database failed a ping ({type(error).__name__})") from None
+
+    async def schema_revisions(self, timeout: float) -> tuple[str, ...]:
+        from .migrate import database_revisions
+
+        async with asyncio.timeout(timeout), self.engine.connect() as connection:
+            return await connection.run_sync(database_revisions)
 
 
-def _send_timeout_with_statement(  # type: ignore[no-untyped-def]
-    _connection, _cursor, statement: str, parameters: Any, context, _executemany: bool
-) -> tuple[str, Any]:
-    """Prefix `SET LOCAL statement_timeout` to a statement executed with _TIMEOUT_MS:
-    psycopg2 sends the two as one simple-query message, one round trip."""
-    timeout_ms = context.execution_options.get(_TIMEOUT_MS) if context is not None else None
-    if timeout_ms is None:
-        return statement, parameters
-    return _with_timeout(statement, timeout_ms), parameters
+class _SqliteTransaction(Transaction):
+    def __init__(self, database: SqliteDatabase, connection: Any) -> None:
+        self._db = database
+        self._connection = connection
+
+    async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None = None) -> list[Row]:
+        try:
+            async with self._db._span(str(statement)):
+                result = await self._connection.execute(statement, parameters)
+        except sa.exc.IntegrityError as error:
+            raise UniqueViolation("unique constraint") from error
+        return list(result.all()) if result.returns_rows else []
 
 
-def _with_timeout(sql: str, timeout_ms: int) -> str:
-    """One simple-query message: SET LOCAL binds to the implicit transaction of a
-    multi-statement query, so the timeout covers `sql` and ends with it."""
-    return f"SET LOCAL statement_timeout = {int(timeout_ms)}; {sql}"
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
@@ -397,15 +653,3 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 def safe_url(url: URL) -> str:
     """The URL for logs: never the password."""
     return url.render_as_string(hide_password=True)
-
-
-def init_db(engine: Engine) -> None:
-    """Development convenience only: create the tables straight from the models.
-
-    Production and tests build the schema with the Alembic migrations.
-    """
-    from sqlmodel import SQLModel
-
-    from . import models  # noqa: F401  (registers the tables)
-
-    SQLModel.metadata.create_all(engine)

@@ -17,12 +17,10 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from sqlalchemy import exc as sa_exc
+
+from . import db
 
 log = logging.getLogger(__name__)
-
-# PostgreSQL's SQLSTATE for a statement cancelled by statement_timeout or a cancel request.
-QUERY_CANCELED = "57014"
 
 # What an INTERNAL caller sees; the same id is in the server's log line about it.
 _INTERNAL_MESSAGE = "internal error (error id {})"
@@ -97,15 +95,18 @@ def to_status(error: BaseException) -> grpc.Status:
 def _translate(error: BaseException) -> ServiceError:
     if isinstance(error, ServiceError):
         return error
-    if isinstance(error, sa_exc.TimeoutError):
-        # QueuePool's "QueuePool limit ... reached": every connection is busy.
+    if isinstance(error, db.Busy):
         return Unavailable("the database is busy: no connection became free in time; retry later")
-    if isinstance(error, sa_exc.DBAPIError):
-        if getattr(error.orig, "pgcode", None) == QUERY_CANCELED:
-            return DeadlineExceeded("the database did not answer before the deadline")
-        if isinstance(error, sa_exc.OperationalError) or error.connection_invalidated:
-            log.warning("database unavailable: %s", first_line(error.orig))
-            return Unavailable("the database is unavailable; retry later")
+    if isinstance(error, db.TimedOut):
+        return DeadlineExceeded("the database did not answer before the deadline")
+    if isinstance(error, db.CommitUnknown):
+        # Not UNAVAILABLE, which promises that nothing happened.
+        return DeadlineExceeded(
+            "the database did not confirm the write before the deadline; it may have been applied: "
+            "read the account to find out"
+        )
+    if isinstance(error, db.Unreachable):
+        return Unavailable("the database is unavailable; retry later")
     error_id = uuid.uuid4().hex[:16]
     log.error("unexpected error, error id %s", error_id, exc_info=error, extra={"error_id": error_id})
     return ServiceError(_INTERNAL_MESSAGE.format(error_id))

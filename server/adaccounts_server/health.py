@@ -2,13 +2,13 @@
 
 Probes read a status from memory (the HealthServicer answers on the event
 loop), so a probe never waits on the database. The monitor pings the database
-(`SELECT 1` through the pool) on its own thread every HEALTH_CHECK_INTERVAL_S:
-a ping that fails, or does not answer within HEALTH_CHECK_TIMEOUT_S, marks the
-database-backed services NOT_SERVING; the next good ping marks them SERVING.
-A stalled ping is never stacked: the monitor waits for it rather than
-starting another one on a new thread.
+(`SELECT 1` on a connection of its own, outside the pool, so that calls holding
+every pooled connection never read as a database that is down) every
+HEALTH_CHECK_INTERVAL_S: a ping that fails, or does not answer within
+HEALTH_CHECK_TIMEOUT_S, marks the database-backed services NOT_SERVING; the next
+good ping marks them SERVING.
 
-The same thread also checks the schema: the database's alembic revision
+The monitor also checks the schema: the database's alembic revision
 against the one this code expects (migrate.head_revision). A database behind
 the code (not migrated yet) keeps the database-backed services NOT_SERVING,
 logging once that `adaccounts migrate` must run; the server never migrates
@@ -25,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from .db import Database
-from .errors import first_line
-from .migrate import SchemaState, schema_state
+from .db import Database, DatabaseError
+from .migrate import SchemaState, head_revision
 from .service import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -48,27 +48,20 @@ LIVENESS_SERVICE = "liveness"
 SCHEMA_RECHECK_PINGS = 60
 
 
-class _SchemaUnreadable(Exception):
-    pass
-
-
 class DatabaseMonitor:
     def __init__(self, database: Database, interval: float, timeout: float) -> None:
         self.servicer = health_aio.HealthServicer()
         self._database = database
         self._interval = interval
         self._timeout = timeout
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-ping")
-        self._ping: Future[SchemaState | None] | None = None
         self._status: int | None = None
         self._cause: str | None = None  # what the last log line was about
-        # Touched by the ping thread only: when the schema is next due for a check.
         self._schema: SchemaState | None = None
         self._pings_since_schema_check = 0
         self._task: asyncio.Task[None] | None = None
-        # Stopping is a flag, not only a cancel: Python 3.11's wait_for swallows a
-        # cancellation that lands as the ping completes, and the loop would run on.
         self._stopping = asyncio.Event()
+        # Told how long each ping that answered took (the metrics' ping latency), when set.
+        self.on_ping: Callable[[float], None] | None = None
 
     async def start(self) -> None:
         await self.servicer.set(LIVENESS_SERVICE, SERVING)
@@ -83,7 +76,6 @@ class DatabaseMonitor:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def serving(self) -> bool:
@@ -96,34 +88,15 @@ class DatabaseMonitor:
                 await asyncio.wait_for(self._stopping.wait(), self._interval)
 
     async def check_once(self) -> None:
-        if self._ping is None:
-            self._ping = self._thread.submit(self._probe)
+        started = time.perf_counter()
         try:
-            schema = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._ping)), self._timeout)
-        except TimeoutError:
-            await self._publish(NOT_SERVING, f"database did not answer a ping within {self._timeout:g} s")
-            return  # keep waiting on the same ping next time
-        except _SchemaUnreadable as error:
-            self._ping = None
-            await self._publish(NOT_SERVING, f"cannot read the database's schema revision: {error}", cause="schema")
-            return
+            await self._database.ping(self._timeout)
         except Exception as error:
-            self._ping = None
-            await self._publish(NOT_SERVING, f"database unreachable: {first_line(error)}")
-            return
-        self._ping = None
-        if schema is None or schema.at_head:
-            await self._publish(SERVING, "database reachable")
-        else:
-            await self._publish(SERVING if schema.serving else NOT_SERVING, schema.reason, cause=schema.reason)
-
-    def _probe(self) -> SchemaState | None:
-        """On the ping thread: `SELECT 1`, then the schema when due (None: unchanged since the last check)."""
-        try:
-            self._database.ping()
-        except BaseException:
             self._schema = None  # check again once the database is back: it may have been restored or replaced
-            raise
+            await self._publish(NOT_SERVING, f"database unreachable: {_gist(error)}")
+            return
+        if self.on_ping is not None:
+            self.on_ping(time.perf_counter() - started)
         self._pings_since_schema_check += 1
         due = (
             self._schema is None
@@ -132,13 +105,19 @@ class DatabaseMonitor:
         )
         if due:
             try:
-                with self._database.engine.connect() as connection:
-                    self._schema = schema_state(connection)
+                self._schema = SchemaState(await self._database.schema_revisions(self._timeout), head_revision())
             except Exception as error:  # e.g. a role that may not read alembic_version
                 self._schema = None
-                raise _SchemaUnreadable(first_line(getattr(error, "orig", None) or error)) from None
+                await self._publish(
+                    NOT_SERVING, f"cannot read the database's schema revision: {_gist(error)}", cause="schema"
+                )
+                return
             self._pings_since_schema_check = 0
-        return self._schema
+        schema = self._schema
+        if schema.at_head:
+            await self._publish(SERVING, "database reachable")
+        else:
+            await self._publish(SERVING if schema.serving else NOT_SERVING, schema.reason, cause=schema.reason)
 
     async def _publish(self, status: int, reason: str, cause: str = "database") -> None:
         # Log once per change of status, or of what it is about (the database
@@ -157,3 +136,8 @@ class DatabaseMonitor:
         if changed:
             for service in DATABASE_BACKED_SERVICES:
                 await self.servicer.set(service, status)
+
+
+def _gist(error: Exception) -> str:
+    """Our own database errors say what happened without a host or SQL; others only their type."""
+    return str(error) if isinstance(error, DatabaseError) else type(error).__name__

@@ -124,28 +124,9 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def server_gauges(
-    pool: Any, max_overflow: int, serving: Callable[[], bool], max_rpcs: int, read_pool: Any = None
-) -> Iterator[GaugeMetricFamily]:
-    """The pools' and the health monitor's state as it is now (SQLAlchemy's QueuePool, and
-    the event loop's pool for point reads when there is one)."""
-    yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", pool.size())
-    yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", pool.checkedout())
-    # QueuePool counts overflow from -size while the pool fills: only connections beyond the size count here.
-    yield gauge(
-        "adaccounts_db_pool_overflow", "Connections open beyond the pool size right now.", max(0, pool.overflow())
-    )
-    yield gauge("adaccounts_db_pool_max_overflow", "Most connections beyond the size (DB_MAX_OVERFLOW).", max_overflow)
-    if read_pool is not None:
-        yield gauge(
-            "adaccounts_db_read_pool_size",
-            "Most connections for reads on the event loop (DB_READ_POOL_SIZE).",
-            read_pool.size,
-        )
-        yield gauge(
-            "adaccounts_db_read_pool_checked_out",
-            "Event-loop read connections lent out right now.",
-            read_pool.checked_out,
-        )
+def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> Iterator[GaugeMetricFamily]:
+    """The pool's and the health monitor's state as it is now."""
+    yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", database.pool_size)
+    yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", database.checked_out)
     yield gauge("adaccounts_health_serving", "1 while readiness is SERVING, else 0.", 1 if serving() else 0)
     yield gauge("adaccounts_max_concurrent_rpcs", "Calls in progress past which calls are shed.", max_rpcs)

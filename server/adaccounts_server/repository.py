@@ -1,10 +1,9 @@
 """Every query the service runs.
 
-Reads are Core statements run by `Database.read()` (one round trip, plain rows:
-no ORM identity map or object construction on the hot path); writes use ORM
-sessions from `Database.session()`, one real transaction each. Methods take
-validated values (see convert) and return rows; they raise the domain errors of
-`errors` for outcomes a caller must hear about.
+Each statement is built once (SQLAlchemy Core on the table) and run by `db`: reads
+in one round trip outside any transaction, writes in one transaction each.
+Methods take validated values (see convert) and return rows; they raise the
+domain errors of `errors` for outcomes a caller must hear about.
 """
 
 from __future__ import annotations
@@ -12,14 +11,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Row
-from sqlalchemy.exc import IntegrityError
 
 from .convert import ListFilters, NewAccount, Update, as_utc, etag_of
-from .db import CallScope, Database
+from .db import AnyOf, CallScope, Database, Row, Transaction, UniqueViolation
 from .errors import Aborted, AlreadyExists, NotFound
 from .models import AdAccount
 from .page_tokens import Position
@@ -27,16 +25,28 @@ from .page_tokens import Position
 TABLE = AdAccount.__table__
 T = TABLE.c  # columns, for building queries
 
-# Statements built once: SQLAlchemy compiles each once and reuses it.
+# Statements built once: each is compiled once and reused.
 _GET = sa.select(TABLE).where(T.id == sa.bindparam("id"))
-_BATCH_GET = sa.select(TABLE).where(T.id.in_(sa.bindparam("ids", expanding=True)))
-# The same on PostgreSQL as one constant statement (no IN-list to render per call), for
-# the event loop's reads: psycopg2 sends a list of UUIDs as a uuid[] array.
-_BATCH_GET_ANY = sa.select(TABLE).where(T.id == sa.any_(sa.bindparam("ids")))
+_BATCH_GET = sa.select(TABLE).where(AnyOf(T.id, "ids"))
+_BY_REQUEST_ID = sa.select(TABLE).where(T.request_id == sa.bindparam("request_id"))
+_BY_EXTERNAL_ID = sa.select(T.id).where(
+    T.platform == sa.bindparam("platform"), T.external_id == sa.bindparam("external_id")
+)
+_INSERT = sa.insert(TABLE).returning(*TABLE.c)
+_LOCK = sa.select(TABLE).where(T.id == sa.bindparam("id")).with_for_update()
+# Bound as set_<column> (SQLAlchemy reserves the columns' own names in SET).
+_SETS = ("name", "currency_code", "time_zone", "status", "version", "update_time")
+_UPDATE = (
+    sa.update(TABLE)
+    .where(T.id == sa.bindparam("account_id"))
+    .values({name: sa.bindparam(f"set_{name}") for name in _SETS})
+    .returning(*TABLE.c)
+)
+_DELETE = sa.delete(TABLE).where(T.id == sa.bindparam("id"))
 
 # order_by -> (sort column, descending?). Ties are broken by id in the same direction,
 # so (key, id) is a total order and the keyset position is exact.
-_ORDERS: dict[str, tuple[sa.Column, bool]] = {
+_ORDERS: dict[str, tuple[sa.Column[Any], bool]] = {
     "create_time": (T.create_time, False),
     "create_time desc": (T.create_time, True),
     "update_time desc": (T.update_time, True),
@@ -47,13 +57,35 @@ _ORDERS: dict[str, tuple[sa.Column, bool]] = {
 _MISSING_IDS_SHOWN = 10
 
 
-def _found(account_id: uuid.UUID, rows: Sequence[Any]) -> Any:
+@cache
+def _list_statement(order_by: str, by_owner: bool, by_platform: bool, by_status: bool, after: bool) -> sa.Select[Any]:
+    """One List query per combination of filters (a few dozen at most), each built once."""
+    key_column, descending = _ORDERS[order_by]
+    query = sa.select(TABLE)
+    if by_owner:
+        query = query.where(T.owner_id == sa.bindparam("owner_id"))
+    if by_platform:
+        query = query.where(AnyOf(T.platform, "platforms"))
+    if by_status:
+        query = query.where(AnyOf(T.status, "statuses"))
+    if after:
+        row_value = sa.tuple_(key_column, T.id)
+        bound = sa.tuple_(sa.bindparam("after_key", type_=key_column.type), sa.bindparam("after_id", type_=T.id.type))
+        query = query.where(row_value < bound if descending else row_value > bound)
+    if descending:
+        query = query.order_by(key_column.desc(), T.id.desc())
+    else:
+        query = query.order_by(key_column.asc(), T.id.asc())
+    return query.limit(sa.bindparam("limit"))
+
+
+def _found(account_id: uuid.UUID, rows: Sequence[Row]) -> Row:
     if not rows:
         raise NotFound(f"ad account {account_id} not found")
     return rows[0]
 
 
-def _in_order(ids: Sequence[uuid.UUID], rows: Sequence[Any]) -> list[Any]:
+def _in_order(ids: Sequence[uuid.UUID], rows: Sequence[Row]) -> list[Row]:
     """`rows` in the order of `ids`; NOT_FOUND naming every id that has no row."""
     by_id = {row.id: row for row in rows}
     missing = list(dict.fromkeys(i for i in ids if i not in by_id))
@@ -68,133 +100,117 @@ class AdAccountRepository:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def get(self, account_id: uuid.UUID) -> Any:
-        """The row (a named tuple of the table's columns, like the other reads' rows)."""
-        return _found(account_id, self._db.read(_GET, {"id": account_id}, prebuilt=True))
+    async def get(self, account_id: uuid.UUID, scope: CallScope) -> Row:
+        return _found(account_id, await self._db.fetch(_GET, {"id": account_id}, scope))
 
-    @property
-    def reads_on_loop(self) -> bool:
-        """Whether the *_on_loop() reads may be used (PostgreSQL without tracing)."""
-        return self._db.reads_on_loop
-
-    async def get_on_loop(self, account_id: uuid.UUID, scope: CallScope) -> Any:
-        """get(), awaited on the event loop instead of run on a worker thread."""
-        return _found(account_id, await self._db.read_prebuilt_on_loop(_GET, {"id": account_id}, scope))
-
-    def batch_get(self, ids: Sequence[uuid.UUID]) -> list[Row[Any]]:
+    async def batch_get(self, ids: Sequence[uuid.UUID], scope: CallScope) -> list[Row]:
         """The rows in the order of `ids`; NOT_FOUND naming every id that does not exist."""
         if not ids:
             return []
-        return _in_order(ids, self._db.read(_BATCH_GET, {"ids": list(set(ids))}))
+        return _in_order(ids, await self._db.fetch(_BATCH_GET, {"ids": list(set(ids))}, scope))
 
-    async def batch_get_on_loop(self, ids: Sequence[uuid.UUID], scope: CallScope) -> list[Any]:
-        """batch_get(), awaited on the event loop instead of run on a worker thread."""
-        if not ids:
-            return []
-        return _in_order(ids, await self._db.read_prebuilt_on_loop(_BATCH_GET_ANY, {"ids": list(set(ids))}, scope))
-
-    def list(
-        self, filters: ListFilters, page_size: int, after: Position | None
-    ) -> tuple[Sequence[Row[Any]], Position | None]:
+    async def list(
+        self, filters: ListFilters, page_size: int, after: Position | None, scope: CallScope
+    ) -> tuple[Sequence[Row], Position | None]:
         """One page in the requested order, starting after `after`; and the position of the
         page's last row when more rows follow (keyset pagination: no OFFSET)."""
-        key_column, descending = _ORDERS[filters.order_by]
-        query = sa.select(TABLE)
+        key_column, _ = _ORDERS[filters.order_by]
+        parameters: dict[str, Any] = {"limit": page_size + 1}
         if filters.owner_id is not None:
-            query = query.where(T.owner_id == filters.owner_id)
+            parameters["owner_id"] = filters.owner_id
         if filters.platforms:
-            query = query.where(T.platform.in_(filters.platforms))
+            parameters["platforms"] = list(filters.platforms)
         if filters.statuses:
-            query = query.where(T.status.in_(filters.statuses))
+            parameters["statuses"] = list(filters.statuses)
         if after is not None:
-            row_value = sa.tuple_(key_column, T.id)
-            bound = sa.tuple_(_key_from_token(key_column, after[0]), _id_from_token(after[1]))
-            query = query.where(row_value < bound if descending else row_value > bound)
-        if descending:
-            query = query.order_by(key_column.desc(), T.id.desc())
-        else:
-            query = query.order_by(key_column.asc(), T.id.asc())
-        rows = self._db.read(query.limit(page_size + 1))
+            parameters["after_key"] = _key_from_token(key_column, after[0])
+            parameters["after_id"] = _id_from_token(after[1])
+        query = _list_statement(
+            filters.order_by,
+            "owner_id" in parameters,
+            "platforms" in parameters,
+            "statuses" in parameters,
+            after is not None,
+        )
+        rows = await self._db.fetch(query, parameters, scope)
         if len(rows) <= page_size:
             return rows, None
         rows = rows[:page_size]
         return rows, (_key_for_token(getattr(rows[-1], key_column.name)), str(rows[-1].id))
 
-    def create(self, new: NewAccount, request_id: uuid.UUID | None) -> AdAccount:
+    async def create(self, new: NewAccount, request_id: uuid.UUID | None, scope: CallScope) -> Row:
         """Insert the account; with a request_id already used, return what that request created."""
         if request_id is not None:
-            existing = self._by_request_id(request_id)
-            if existing is not None:
-                return existing
+            existing = await self._db.fetch(_BY_REQUEST_ID, {"request_id": request_id}, scope)
+            if existing:
+                return existing[0]
         now = _now()
-        row = AdAccount(
-            id=uuid.uuid4(),
-            owner_id=new.owner_id,
-            platform=new.platform,
-            external_id=new.external_id,
-            name=new.name,
-            currency_code=new.currency_code,
-            time_zone=new.time_zone,
-            status=new.status,
-            create_time=now,
-            update_time=now,
-            version=1,
-            request_id=request_id,
-        )
+        values = {
+            "id": uuid.uuid4(),
+            "owner_id": new.owner_id,
+            "platform": new.platform,
+            "external_id": new.external_id,
+            "name": new.name,
+            "currency_code": new.currency_code,
+            "time_zone": new.time_zone,
+            "status": new.status,
+            "create_time": now,
+            "update_time": now,
+            "version": 1,
+            "request_id": request_id,
+        }
         try:
-            with self._db.session() as session:
-                session.add(row)
-        except IntegrityError:
+            async with self._db.transaction(scope) as transaction:
+                (row,) = await transaction.fetch(_INSERT, values)
+        except UniqueViolation:
             # Lost a race: either the same request retried concurrently, or the
             # (platform, external_id) pair is taken.
             if request_id is not None:
-                existing = self._by_request_id(request_id)
-                if existing is not None:
-                    return existing
-            with self._db.session() as session:
-                taken = session.scalar(
-                    sa.select(T.id).where(T.platform == new.platform, T.external_id == new.external_id)
-                )
-            if taken is None:
+                existing = await self._db.fetch(_BY_REQUEST_ID, {"request_id": request_id}, scope)
+                if existing:
+                    return existing[0]
+            taken = await self._db.fetch(
+                _BY_EXTERNAL_ID, {"platform": new.platform, "external_id": new.external_id}, scope
+            )
+            if not taken:
                 raise
             raise AlreadyExists(
                 f"an ad account with platform {new.platform.value} and external_id {new.external_id!r} "
-                f"already exists: {taken}"
+                f"already exists: {taken[0].id}"
             ) from None
         return row
 
-    def update(self, update: Update) -> AdAccount:
+    async def update(self, update: Update, scope: CallScope) -> Row:
         """Apply the changes under a row lock; an update that changes nothing bumps nothing."""
-        with self._db.session() as session:
-            row = self._locked(session, update.id, update.etag)
+        async with self._db.transaction(scope) as transaction:
+            row = await _locked(transaction, update.id, update.etag)
             changed = {name: value for name, value in update.changes.items() if getattr(row, name) != value}
-            if changed:
-                for name, value in changed.items():
-                    setattr(row, name, value)
-                row.version += 1
-                # Never move backwards, even if this replica's clock is behind the last writer's.
-                row.update_time = max(_now(), as_utc(row.update_time) + timedelta(microseconds=1))
-        return row
+            if not changed:
+                return row
+            values = {name: changed.get(name, getattr(row, name)) for name in _SETS}
+            # Never move backwards, even if this replica's clock is behind the last writer's.
+            values["update_time"] = max(_now(), as_utc(row.update_time) + timedelta(microseconds=1))
+            values["version"] = row.version + 1
+            parameters = {f"set_{name}": value for name, value in values.items()}
+            (updated,) = await transaction.fetch(_UPDATE, {"account_id": update.id, **parameters})
+        return updated
 
-    def delete(self, account_id: uuid.UUID, etag: str) -> None:
-        with self._db.session() as session:
-            row = self._locked(session, account_id, etag)
-            session.delete(row)
+    async def delete(self, account_id: uuid.UUID, etag: str, scope: CallScope) -> None:
+        async with self._db.transaction(scope) as transaction:
+            await _locked(transaction, account_id, etag)
+            await transaction.fetch(_DELETE, {"id": account_id})
 
-    def _locked(self, session: sa.orm.Session, account_id: uuid.UUID, etag: str) -> AdAccount:
-        row = session.get(AdAccount, account_id, with_for_update=True)
-        if row is None:
-            raise NotFound(f"ad account {account_id} not found")
-        if etag and etag != etag_of(row):
-            raise Aborted(
-                f"ad account {account_id} has changed since it was read (the etag given is stale); "
-                "read it again and retry"
-            )
-        return row
 
-    def _by_request_id(self, request_id: uuid.UUID) -> AdAccount | None:
-        with self._db.session() as session:
-            return session.scalar(sa.select(AdAccount).where(T.request_id == request_id))
+async def _locked(transaction: Transaction, account_id: uuid.UUID, etag: str) -> Row:
+    rows = await transaction.fetch(_LOCK, {"id": account_id})
+    if not rows:
+        raise NotFound(f"ad account {account_id} not found")
+    row = rows[0]
+    if etag and etag != etag_of(row):
+        raise Aborted(
+            f"ad account {account_id} has changed since it was read (the etag given is stale); read it again and retry"
+        )
+    return row
 
 
 def _now() -> datetime:

@@ -1,20 +1,17 @@
 """The AdAccountService servicer: thin handlers over convert and the repository.
 
-The server runs on grpc.aio so that health probes and reflection are answered
-on the event loop and never wait behind database work. Database work runs in a
-bounded pool of worker threads (GRPC_THREADS), except PostgreSQL point reads,
-which the loop awaits without blocking (loop_pool); each handler hands one
-function to _run, which maps whatever it raises to a status in one place (errors).
+The server runs on grpc.aio and every call's database work is awaited on the
+event loop (db), so no call crosses to a thread; health probes and reflection
+are answered on the same loop and never wait behind database work. Each handler
+hands one coroutine to _run, which maps whatever it raises to a status in one
+place (errors).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -22,7 +19,7 @@ from adaccounts.v1 import ad_accounts_pb2 as pb
 from google.protobuf import empty_pb2, message, message_factory
 
 from . import convert, errors
-from .db import CallScope, run_in_scope
+from .db import CallScope
 from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 
@@ -30,17 +27,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
 
 
 class AdAccountService:
-    def __init__(
-        self,
-        repository: AdAccountRepository,
-        executor: Executor,
-        cancel_executor: Executor,
-        page_tokens: PageTokens,
-        max_concurrent_rpcs: int,
-    ) -> None:
+    def __init__(self, repository: AdAccountRepository, page_tokens: PageTokens, max_concurrent_rpcs: int) -> None:
         self._repository = repository
-        self._executor = executor
-        self._cancel_executor = cancel_executor
         self._page_tokens = page_tokens
         self._max_in_flight = max_concurrent_rpcs
         self._draining = False
@@ -49,18 +37,14 @@ class AdAccountService:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    # --- RPCs: each runs one function on a worker thread, or a point read on the loop -----
+    # --- RPCs --------------------------------------------------------------------------------
 
     async def GetAdAccount(self, request: pb.GetAdAccountRequest, context: grpc.aio.ServicerContext) -> pb.AdAccount:
-        if self._repository.reads_on_loop:
-            return await self._run(context, self._get_on_loop, request, on_loop=True)
         return await self._run(context, self._get, request)
 
     async def BatchGetAdAccounts(
         self, request: pb.BatchGetAdAccountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetAdAccountsResponse:
-        if self._repository.reads_on_loop:
-            return await self._run(context, self._batch_get_on_loop, request, on_loop=True)
         return await self._run(context, self._batch_get, request)
 
     async def ListAdAccounts(
@@ -83,44 +67,36 @@ class AdAccountService:
     ) -> empty_pb2.Empty:
         return await self._run(context, self._delete, request)
 
-    # --- the work, on a worker thread ------------------------------------------------------
+    # --- the work ------------------------------------------------------------------------------
 
-    def _get(self, request: pb.GetAdAccountRequest) -> pb.AdAccount:
-        return convert.to_proto(self._repository.get(convert.parse_id(request.id, "id")))
+    async def _get(self, request: pb.GetAdAccountRequest, scope: CallScope) -> pb.AdAccount:
+        return convert.to_proto(await self._repository.get(convert.parse_id(request.id, "id"), scope))
 
-    async def _get_on_loop(self, request: pb.GetAdAccountRequest, scope: CallScope) -> pb.AdAccount:
-        """_get without a worker thread: the thread handoffs cost more than the read (loop_pool)."""
-        return convert.to_proto(await self._repository.get_on_loop(convert.parse_id(request.id, "id"), scope))
-
-    def _batch_get(self, request: pb.BatchGetAdAccountsRequest) -> pb.BatchGetAdAccountsResponse:
-        rows = self._repository.batch_get(convert.parse_batch_ids(list(request.ids)))
-        return pb.BatchGetAdAccountsResponse(ad_accounts=[convert.to_proto(row) for row in rows])
-
-    async def _batch_get_on_loop(
+    async def _batch_get(
         self, request: pb.BatchGetAdAccountsRequest, scope: CallScope
     ) -> pb.BatchGetAdAccountsResponse:
-        rows = await self._repository.batch_get_on_loop(convert.parse_batch_ids(list(request.ids)), scope)
+        rows = await self._repository.batch_get(convert.parse_batch_ids(list(request.ids)), scope)
         return pb.BatchGetAdAccountsResponse(ad_accounts=[convert.to_proto(row) for row in rows])
 
-    def _list(self, request: pb.ListAdAccountsRequest) -> pb.ListAdAccountsResponse:
+    async def _list(self, request: pb.ListAdAccountsRequest, scope: CallScope) -> pb.ListAdAccountsResponse:
         filters, page_size = convert.parse_list(request)
         fingerprint = filters.fingerprint()
         after = self._page_tokens.read(request.page_token, fingerprint) if request.page_token else None
-        rows, last = self._repository.list(filters, page_size, after)
+        rows, last = await self._repository.list(filters, page_size, after, scope)
         return pb.ListAdAccountsResponse(
             ad_accounts=[convert.to_proto(row) for row in rows],
             next_page_token=self._page_tokens.mint(fingerprint, last) if last else "",
         )
 
-    def _create(self, request: pb.CreateAdAccountRequest) -> pb.AdAccount:
+    async def _create(self, request: pb.CreateAdAccountRequest, scope: CallScope) -> pb.AdAccount:
         new, request_id = convert.parse_create(request)
-        return convert.to_proto(self._repository.create(new, request_id))
+        return convert.to_proto(await self._repository.create(new, request_id, scope))
 
-    def _update(self, request: pb.UpdateAdAccountRequest) -> pb.AdAccount:
-        return convert.to_proto(self._repository.update(convert.parse_update(request)))
+    async def _update(self, request: pb.UpdateAdAccountRequest, scope: CallScope) -> pb.AdAccount:
+        return convert.to_proto(await self._repository.update(convert.parse_update(request), scope))
 
-    def _delete(self, request: pb.DeleteAdAccountRequest) -> empty_pb2.Empty:
-        self._repository.delete(convert.parse_id(request.id, "id"), request.etag)
+    async def _delete(self, request: pb.DeleteAdAccountRequest, scope: CallScope) -> empty_pb2.Empty:
+        await self._repository.delete(convert.parse_id(request.id, "id"), request.etag, scope)
         return empty_pb2.Empty()
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -128,13 +104,14 @@ class AdAccountService:
     async def _run(
         self,
         context: grpc.aio.ServicerContext,
-        work: Callable[..., Any],
+        work: Callable[[Any, CallScope], Awaitable[Any]],
         request: message.Message,
-        *,
-        on_loop: bool = False,
     ) -> Any:
-        """`work(request)` on a worker thread, or with on_loop `await work(request, scope)`,
-        with the call's deadline, cancellation, overload and errors handled here."""
+        """`await work(request, scope)` with the call's deadline, overload and errors handled here.
+
+        A caller that cancels or runs out of time cancels this task; the database
+        driver then cancels the statement in PostgreSQL, and a transaction whose
+        COMMIT was not yet sent is rolled back (db)."""
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
         if len(self._calls) >= self._max_in_flight:
@@ -152,18 +129,8 @@ class AdAccountService:
         try:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidArgument.field("", request.description)
-            if on_loop:
-                return await work(request, scope)
-            loop = asyncio.get_running_loop()
-            # In a copy of the call's context: its trace span and request id reach the worker thread.
-            call_context = contextvars.copy_context()
-            return await loop.run_in_executor(self._executor, call_context.run, run_in_scope, scope, work, request)
+            return await work(request, scope)
         except asyncio.CancelledError:
-            # The caller cancelled or its deadline passed: stop the query too. cancel()
-            # talks to PostgreSQL, so keep it off the event loop.
-            # RuntimeError: the server has stopped; its connections close with the process.
-            with contextlib.suppress(RuntimeError):
-                self._cancel_executor.submit(scope.cancel)
             if self._cutting_short:
                 # Answered here, so that gRPC has no call left to cancel as it stops
                 # (it prints a bare CancelledError traceback for each one it does).
@@ -224,9 +191,10 @@ def _tolerant_parser(message_class: type[message.Message]) -> Callable[[bytes], 
 def rpc_handlers(
     servicer: AdAccountService,
     guard: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = lambda _method, handler: handler,
-) -> grpc.GenericRpcHandler:
-    """The service's method handlers, built from the proto descriptor, each passed
-    once through `guard(full method name, handler)` (authentication, logs, metrics).
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's method handlers by method name, built from the proto descriptor, each
+    passed once through `guard(full method name, handler)` (authentication, logs, metrics),
+    for `server.add_registered_method_handlers(SERVICE_NAME, ...)`.
 
     Same as the generated add_AdAccountServiceServicer_to_server, except that
     a request that does not parse reaches the handler (as MalformedRequest).
@@ -243,4 +211,4 @@ def rpc_handlers(
         )
         for method in service.methods
     }
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+    return handlers

@@ -1,11 +1,11 @@
 """OpenTelemetry tracing, off unless TRACING=otlp: one trace per call, its SQL statements inside it.
 
-Uses the official instrumentations: opentelemetry-instrumentation-grpc's
-server interceptor (one span per call, the caller's trace context continued
-from its metadata) and opentelemetry-instrumentation-sqlalchemy's engine
-tracer (one span per statement). The service runs each call's database work
-in a copy of the call's context, so the statements' spans are children of the
-call's span even though they run on a worker thread.
+Uses opentelemetry-instrumentation-grpc's server interceptor (one span per
+call, the caller's trace context continued from its metadata); `db` opens one
+client span per round trip with the statement's SQL (placeholders, never
+values). Every call's database work runs in the call's own task, so those spans
+are children of the call's span, and tracing changes nothing about the path a
+call takes.
 
 Each App has its own TracerProvider, nothing global is patched, so servers
 in one process (the tests) never share one. Spans go to the OTLP/gRPC
@@ -43,23 +43,13 @@ class Tracing:
         self.provider = TracerProvider(resource=resource)
         self.provider.add_span_processor(BatchSpanProcessor(exporter_for(settings)))
         self.interceptor = aio_server_interceptor(tracer_provider=self.provider)
-        self._engine_tracer: Any = None
 
-    def trace_engine(self, engine: Any) -> None:
-        """One span per SQL statement on this engine (what SQLAlchemyInstrumentor(engine=...) sets up,
-        without its global patch of create_engine)."""
-        from opentelemetry.instrumentation.sqlalchemy import __version__
-        from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
-        from opentelemetry.metrics import NoOpMeterProvider
-
-        tracer = self.provider.get_tracer("opentelemetry.instrumentation.sqlalchemy", __version__)
-        usage = NoOpMeterProvider().get_meter(__name__).create_up_down_counter("db.client.connections.usage")
-        self._engine_tracer = EngineTracer(tracer, engine, usage)
+    def sql_tracer(self) -> Any:
+        """The tracer of the database's statement spans."""
+        return self.provider.get_tracer("adaccounts_server.db")
 
     def stop(self) -> None:
         """Send the spans still buffered, then stop."""
-        if self._engine_tracer is not None:
-            self._engine_tracer.remove_all_event_listeners()
         self.provider.shutdown()
 
 
@@ -68,7 +58,6 @@ def check_installed() -> str | None:
     try:
         import opentelemetry.exporter.otlp.proto.grpc.trace_exporter
         import opentelemetry.instrumentation.grpc
-        import opentelemetry.instrumentation.sqlalchemy
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError:
         return "the OpenTelemetry packages are not installed: pip install 'adaccounts-server[tracing]'"
