@@ -17,7 +17,6 @@ from typing import Any
 
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from google.protobuf import timestamp_pb2
-from sqlalchemy import Row
 
 from . import models
 from .errors import FieldViolation, InvalidArgument
@@ -33,9 +32,8 @@ OUTPUT_ONLY_FIELDS = ("id", "create_time", "update_time", "etag")
 # proto enum number <-> model enum, by name: PLATFORM_META <-> Platform.META.
 _PLATFORM_IN = {pb.Platform.Value(f"PLATFORM_{p.name}"): p for p in models.Platform}
 _STATUS_IN = {pb.Status.Value(f"STATUS_{s.name}"): s for s in models.Status}
-# Out: from the enum (ORM objects and Core rows) or its stored string (prebuilt reads).
-_PLATFORM_OUT = {key: n for n, p in _PLATFORM_IN.items() for key in (p, p.value)}
-_STATUS_OUT = {key: n for n, s in _STATUS_IN.items() for key in (s, s.value)}
+_PLATFORM_OUT = {p: n for n, p in _PLATFORM_IN.items()}
+_STATUS_OUT = {s: n for n, s in _STATUS_IN.items()}
 
 
 # Violations reported per call. The status travels in trailing metadata, which
@@ -308,7 +306,7 @@ def parse_list(request: pb.ListAdAccountsRequest) -> tuple[ListFilters, int]:
 # --- rows to messages ----------------------------------------------------------------------
 
 
-def etag_of(row: models.AdAccount | Row[Any]) -> str:
+def etag_of(row: Any) -> str:
     return str(row.version)
 
 
@@ -327,8 +325,9 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=elapsed.days * 86_400 + elapsed.seconds, nanos=elapsed.microseconds * 1000)
 
 
-def to_proto(row: models.AdAccount | Row[Any]) -> pb.AdAccount:
-    """From an ORM object (writes) or a Core row (reads): the same attribute names."""
+def to_proto(row: Any) -> pb.AdAccount:
+    """From a row of the table (db gives every row the same shape: columns as attributes,
+    enums as the models' enums)."""
     return pb.AdAccount(
         id=str(row.id),
         owner_id=str(row.owner_id),

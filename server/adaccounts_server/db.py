@@ -113,7 +113,10 @@ class AnyOf(ColumnElement[bool]):
 
     inherit_cache = True
     type = sa.Boolean()
-    _traverse_internals: ClassVar[Any] = [("column", InternalTraversal.dp_clauseelement), ("name", InternalTraversal.dp_string)]
+    _traverse_internals: ClassVar[Any] = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("name", InternalTraversal.dp_string),
+    ]
 
     def __init__(self, column: ColumnElement[Any], name: str) -> None:
         self.column = column
@@ -173,7 +176,6 @@ class Database(ABC):
     async def schema_revisions(self, timeout: float) -> tuple[str, ...]:
         """The revision(s) in alembic_version; () for a database never migrated."""
 
-    @property
     @abstractmethod
     def checked_out(self) -> int:
         """Connections lent out right now (zero at rest)."""
@@ -235,13 +237,20 @@ class PostgresDatabase(Database):
             max_size=settings.DB_POOL_SIZE,
             timeout=settings.DB_POOL_TIMEOUT,
             max_lifetime=settings.DB_POOL_RECYCLE,
-            reconnect_timeout=max(settings.DB_POOL_RECYCLE, 60.0),
+            # A slot whose reconnection keeps failing is given up after this long and
+            # reopened on demand, by the next call that needs it: after an outage the first
+            # call reconnects at once instead of waiting out the pool's exponential backoff.
+            reconnect_timeout=float(settings.DB_CONNECT_TIMEOUT),
             configure=self._configure,
             check=self._check,
             name="adaccounts",
             open=False,
         )
         self._monitor_connection: Any = None  # the health monitor's own (see ping)
+        self._reachable = True  # as the last ping found it
+        # psycopg's own warnings quote the server's address (SECURITY.md: no hosts in logs); the
+        # service reports the same events itself: the health monitor's status, the calls' errors.
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
@@ -252,7 +261,6 @@ class PostgresDatabase(Database):
             await self._monitor_connection.close()
             self._monitor_connection = None
 
-    @property
     def checked_out(self) -> int:
         stats = self._pool.get_stats()
         return int(stats.get("pool_size", 0) - stats.get("pool_available", 0))
@@ -279,6 +287,8 @@ class PostgresDatabase(Database):
         try:
             connection = await self._pool.getconn()
         except self._psycopg_pool_timeout() as error:
+            if not self._reachable:
+                raise Unreachable("no connection to the database could be made") from error
             raise Busy(f"no database connection became free within {self._pool.timeout:g} s") from error
         try:
             yield connection
@@ -307,22 +317,42 @@ class PostgresDatabase(Database):
         connection: Any,
         statement: sa.Executable,
         parameters: dict[str, Any] | None,
-        prefix: str,
         scope: CallScope,
-    ) -> list[Row]:
+        *,
+        begin: bool = False,
+    ) -> tuple[list[Row], int | None]:
+        """The statement's rows, in one message with the call's statement_timeout; with
+        `begin`, the message also opens a transaction and the second value is its id."""
         compiled = self._compile(statement)
         timeout_ms = self.timeout_ms(scope)
         # SET LOCAL binds to the transaction, explicit or the implicit one of a
         # multi-statement message: the timeout covers this statement and ends with it.
+        prefix = "BEGIN; SELECT txid_current(); " if begin else ""
         sql = f"{prefix}SET LOCAL statement_timeout = {timeout_ms}; {compiled.sql}"
         cursor = connection.cursor()
         async with self._span(compiled.sql), asyncio.timeout(timeout_ms / 1000 + ANSWER_GRACE_S):
             await cursor.execute(sql, _db_values(parameters) if parameters else None)
-        while cursor.nextset():  # the statement's result follows SET's (and BEGIN's)
-            pass
-        if compiled.make_row is None or cursor.description is None:
-            return []
-        return [compiled.make_row(values) for values in await cursor.fetchall()]
+            results = []  # one per statement in the message: its rows, or None
+            while True:
+                results.append(await cursor.fetchall() if cursor.description is not None else None)
+                if not cursor.nextset():
+                    break
+        xid = results[1][0][0] if begin else None  # type: ignore[index]
+        values = results[-1]
+        if compiled.make_row is None or values is None:
+            return [], xid
+        return [compiled.make_row(row) for row in values], xid
+
+    async def _commit_status(self, xid: int) -> str | None:
+        """'committed', 'aborted' or 'in progress' (PostgreSQL's txid_status), asked on another
+        connection after the one that sent COMMIT was lost; None when that cannot be learnt."""
+        try:
+            async with self._connection() as connection, asyncio.timeout(self._pool.timeout):
+                cursor = await connection.execute("SELECT txid_status(%s)", [xid])
+                row = await cursor.fetchone()
+        except (DatabaseError, self._psycopg.Error, TimeoutError):
+            return None
+        return row[0] if row else None
 
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
         try:
@@ -338,7 +368,8 @@ class PostgresDatabase(Database):
     ) -> list[Row]:
         async with self._connection() as connection:
             try:
-                return await self._round_trip(connection, statement, parameters, "", scope)
+                rows, _ = await self._round_trip(connection, statement, parameters, scope)
+                return rows
             except Exception as error:
                 translated = await self._translate(error, connection)
                 if translated is None:
@@ -414,7 +445,12 @@ class PostgresDatabase(Database):
             raise Unreachable(f"the database failed a ping ({type(error).__name__})") from None
 
     async def ping(self, timeout: float) -> None:
-        await self._monitor_query("SELECT 1", timeout)
+        try:
+            await self._monitor_query("SELECT 1", timeout)
+        except DatabaseError:
+            self._reachable = False
+            raise
+        self._reachable = True
 
     async def schema_revisions(self, timeout: float) -> tuple[str, ...]:
         exists = await self._monitor_query("SELECT to_regclass('alembic_version') IS NOT NULL", timeout)
@@ -434,12 +470,16 @@ class _PostgresTransaction(Transaction):
         self._connection = connection
         self._scope = scope
         self.begun = False
+        self._xid: int | None = None
 
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None = None) -> list[Row]:
-        prefix = "" if self.begun else "BEGIN; "
+        begin = not self.begun
         self.begun = True
         try:
-            return await self._db._round_trip(self._connection, statement, parameters, prefix, self._scope)
+            rows, xid = await self._db._round_trip(self._connection, statement, parameters, self._scope, begin=begin)
+            if begin:
+                self._xid = xid
+            return rows
         except Exception as error:
             translated = await self._db._translate(error, self._connection)
             if translated is None:
@@ -451,7 +491,7 @@ class _PostgresTransaction(Transaction):
         timeout_s = self._db.timeout_ms(NO_DEADLINE) / 1000 + ANSWER_GRACE_S
         committing = asyncio.ensure_future(_execute_within(connection, "COMMIT", timeout_s))
         try:
-            await asyncio.shield(committing)
+            await asyncio.wait([committing])
         except asyncio.CancelledError:
             # The caller went away with COMMIT on the wire: its outcome, not the
             # cancellation, decides what happened, so wait for it and answer that.
@@ -459,13 +499,24 @@ class _PostgresTransaction(Transaction):
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-        try:
-            committing.result()
-        except (self._db._psycopg.Error, TimeoutError) as error:
-            await _close_quietly(connection)
-            raise CommitUnknown(
-                f"the database did not confirm the commit ({type(error).__name__}); the write may have been applied"
-            ) from None
+        error = committing.exception()
+        if error is None:
+            return
+        if isinstance(error, self._db._psycopg.Error) and error.sqlstate:
+            # PostgreSQL answered COMMIT with an error (shutting down, say): not committed.
+            translated = await self._db._translate(error, connection)
+            raise translated or error
+        # The connection was lost with COMMIT on the wire: ask PostgreSQL how it ended.
+        await _close_quietly(connection)
+        await self._db._pool.drain()
+        status = await self._db._commit_status(self._xid) if self._xid is not None else None
+        if status == "committed":
+            return
+        if status == "aborted":
+            raise Unreachable("the connection to the database was lost before the commit")
+        raise CommitUnknown(
+            f"the database did not confirm the commit ({type(error).__name__}); the write may have been applied"
+        ) from None
 
     async def abandon(self) -> None:
         """Roll back (the block raised or was cancelled); close the connection if that fails."""
@@ -583,7 +634,6 @@ class SqliteDatabase(Database):
     async def close(self) -> None:
         await self.engine.dispose()
 
-    @property
     def checked_out(self) -> int:
         return self._checked_out
 

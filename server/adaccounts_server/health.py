@@ -59,6 +59,7 @@ class DatabaseMonitor:
         self._schema: SchemaState | None = None
         self._pings_since_schema_check = 0
         self._task: asyncio.Task[None] | None = None
+        self._ping: asyncio.Task[None] | None = None  # a ping still waiting for its answer
         self._stopping = asyncio.Event()
         # Told how long each ping that answered took (the metrics' ping latency), when set.
         self.on_ping: Callable[[float], None] | None = None
@@ -73,9 +74,10 @@ class DatabaseMonitor:
         """Report NOT_SERVING everywhere for good (shutdown) and stop pinging."""
         await self.servicer.enter_graceful_shutdown()
         self._stopping.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._ping):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     @property
     def serving(self) -> bool:
@@ -89,8 +91,17 @@ class DatabaseMonitor:
 
     async def check_once(self) -> None:
         started = time.perf_counter()
+        if self._ping is None:
+            # The ping runs as a task of its own, never cancelled at the timeout (a driver may
+            # take long to give up on a stalled server): the next check waits on the same one.
+            self._ping = asyncio.create_task(self._database.ping(self._timeout), name="database-ping")
+        done, _ = await asyncio.wait([self._ping], timeout=self._timeout)
+        if not done:
+            await self._publish(NOT_SERVING, f"database did not answer a ping within {self._timeout:g} s")
+            return
+        ping, self._ping = self._ping, None
         try:
-            await self._database.ping(self._timeout)
+            ping.result()
         except Exception as error:
             self._schema = None  # check again once the database is back: it may have been restored or replaced
             await self._publish(NOT_SERVING, f"database unreachable: {_gist(error)}")

@@ -127,6 +127,6 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> Iterator[GaugeMetricFamily]:
     """The pool's and the health monitor's state as it is now."""
     yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", database.pool_size)
-    yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", database.checked_out)
+    yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", database.checked_out())
     yield gauge("adaccounts_health_serving", "1 while readiness is SERVING, else 0.", 1 if serving() else 0)
     yield gauge("adaccounts_max_concurrent_rpcs", "Calls in progress past which calls are shed.", max_rpcs)
