@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -77,17 +77,15 @@ class RunningServer:
 
 
 def create_database(admin_url: str, name: str) -> URL:
-    connection = psycopg2.connect(admin_url)
-    connection.autocommit = True
+    connection = psycopg.connect(admin_url, autocommit=True)
     with connection.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
     connection.close()
-    return make_url(admin_url).set(drivername="postgresql+psycopg2", database=name)
+    return make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
 
 
 def drop_database(admin_url: str, name: str) -> None:
-    connection = psycopg2.connect(admin_url)
-    connection.autocommit = True
+    connection = psycopg.connect(admin_url, autocommit=True)
     with connection.cursor() as cursor:
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     connection.close()
@@ -114,10 +112,10 @@ def server(database_url: URL) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def clean_db(database_url: URL) -> None:
-    connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
-    with connection, connection.cursor() as cursor:
+    dsn = database_url.set(drivername="postgresql").render_as_string(False)
+    # psycopg 3: leaving the block commits, then closes the connection.
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
         cursor.execute("TRUNCATE ad_accounts")
-    connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -199,14 +197,14 @@ class Route:
 
         def answers() -> bool:
             try:
-                connection = psycopg2.connect(self.dsn)
-            except psycopg2.Error:
+                connection = psycopg.connect(self.dsn)
+            except psycopg.Error:
                 return False
             try:
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT 1")
                 return True
-            except psycopg2.Error:
+            except psycopg.Error:
                 return False
             finally:
                 connection.close()

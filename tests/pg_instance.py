@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg2
+import psycopg
 from sqlalchemy.engine import URL
 
 # Debian's PostgreSQL 15 (`pg_config --bindir`); override for another install.
@@ -60,14 +60,14 @@ class ThrowawayPostgres:
 
     @property
     def url(self) -> URL:
-        """SQLAlchemy URL (psycopg2) of the test database, as the `postgres` superuser."""
+        """SQLAlchemy URL (psycopg 3) of the test database, as the `postgres` superuser."""
         return URL.create(
-            "postgresql+psycopg2", username="postgres", host="127.0.0.1", port=self.port, database=self.database
+            "postgresql+psycopg", username="postgres", host="127.0.0.1", port=self.port, database=self.database
         )
 
     @property
     def dsn(self) -> str:
-        """libpq DSN of the test database, for psycopg2.connect."""
+        """libpq DSN of the test database, for psycopg.connect."""
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={self.database} connect_timeout=5"
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -103,10 +103,9 @@ class ThrowawayPostgres:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
         )
         if not self._initialised:
-            connection = psycopg2.connect(
-                host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", connect_timeout=5
+            connection = psycopg.connect(
+                host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", connect_timeout=5, autocommit=True
             )
-            connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute(f'CREATE DATABASE "{self.database}"')
             connection.close()

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg2
+import psycopg
 from pg_instance import OS_USER, free_port
 from sqlalchemy.engine import URL
 
@@ -88,7 +88,7 @@ class PgBouncer:
                     "pool_mode = transaction",
                     f"default_pool_size = {pool_size}",
                     f"max_client_conn = {max_client_conn}",
-                    # psycopg2/libpq or SQLAlchemy may send these at connect; PgBouncer
+                    # psycopg/libpq or SQLAlchemy may send these at connect; PgBouncer
                     # refuses unknown startup parameters unless told to ignore them.
                     "ignore_startup_parameters = extra_float_digits,options",
                     f"server_login_retry = {SERVER_LOGIN_RETRY_S}",
@@ -108,9 +108,9 @@ class PgBouncer:
 
     @property
     def url(self) -> URL:
-        """SQLAlchemy URL (psycopg2) of the database through PgBouncer."""
+        """SQLAlchemy URL (psycopg 3) of the database through PgBouncer."""
         return URL.create(
-            "postgresql+psycopg2", username=self.user, host="127.0.0.1", port=self.port, database=self.database
+            "postgresql+psycopg", username=self.user, host="127.0.0.1", port=self.port, database=self.database
         )
 
     @property
@@ -139,9 +139,9 @@ class PgBouncer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"pgbouncer exited with {self._process.returncode}:\n{self.log_tail()}")
             try:
-                psycopg2.connect(self.admin_dsn).close()
+                psycopg.connect(self.admin_dsn).close()
                 return
-            except psycopg2.OperationalError:
+            except psycopg.OperationalError:
                 if time.monotonic() >= deadline:
                     self.stop()
                     raise RuntimeError(

@@ -22,6 +22,8 @@ ROWS = [
     r"List\(50\) page (?!1 )[\d,]+",  # the deep page: 2,000 in the full run, fewer in smoke
     r"Create",
     r"Update",
+    # FastAPI's own deployment: uvicorn[standard] (the bench extra), on uvloop and httptools, psycopg 3.
+    r"baseline: REST GET, FastAPI \+ SQLModel \(psycopg 3[^|]*\), uvicorn \(uvloop\.Loop, httptools\)[^|]*",
     r"baseline: echo RPC, no database",
     *(rf"ratio {number}: [^|]+" for number in range(1, 7)),
     r"peak RSS per server worker",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ def pg_url(database: str, password: str | None = None) -> str:
 
 
 def tables(database: str) -> set[str]:
-    connection = psycopg2.connect(pg_url(database))
+    connection = psycopg.connect(pg_url(database))
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -100,7 +100,7 @@ def empty_db() -> Iterator[str]:
 
 @pytest.fixture
 def migrated_db(empty_db: str) -> str:
-    upgrade_to_head(make_url(pg_url(empty_db)).set(drivername="postgresql+psycopg2"))
+    upgrade_to_head(make_url(pg_url(empty_db)).set(drivername="postgresql+psycopg"))
     return empty_db
 
 
@@ -260,8 +260,8 @@ def test_check_services(serve, tmp_path: Path) -> None:
     ("args", "settings", "named"),
     [
         (["serve"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
-        (["serve"], {"GRPC_THREADS": "0"}, "GRPC_THREADS"),
-        (["serve", "--threads", "0"], {}, "GRPC_THREADS"),
+        (["serve"], {"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+        (["serve", "--workers", "0"], {}, "GRPC_WORKERS"),
         (["serve"], {"DATABASE_URL": "postgresql://app:Pa55word1234@127.0.0.1/x"}, "PAGE_TOKEN_SECRET"),
         (["serve"], {"DATABASE_URL": "postgresql://x", "PAGE_TOKEN_SECRET": "short"}, "PAGE_TOKEN_SECRET"),
         (["serve"], {"DATABASE_URL": "mysql://x", "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET}, "DATABASE_URL"),
@@ -272,8 +272,8 @@ def test_check_services(serve, tmp_path: Path) -> None:
     ],
     ids=[
         "port_abc",
-        "threads_0",
-        "threads_flag_0",
+        "pool_size_0",
+        "workers_flag_0",
         "no_secret",
         "short_secret",
         "mysql",
@@ -306,7 +306,7 @@ def test_migrate_a_new_postgresql_database_then_again(tmp_path: Path, empty_db: 
     first = run(tmp_path, "migrate", **settings)
     assert first.returncode == 0, first.stdout + first.stderr
     assert {"ad_accounts", "alembic_version"} <= tables(empty_db)
-    connection = psycopg2.connect(pg_url(empty_db))
+    connection = psycopg.connect(pg_url(empty_db))
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT version_num FROM alembic_version")
@@ -373,7 +373,7 @@ def test_serve_never_prints_the_database_password(serve, migrated_db: str) -> No
     debug = (" DEBUG ", '"level": "DEBUG"')  # text on a terminal, JSON lines otherwise (LOG_FORMAT=auto)
     assert any(mark in output for mark in debug), "LOG_LEVEL=DEBUG was not applied, so this test proves little"
     assert password not in output
-    assert "postgresql+psycopg2://postgres:***@" in output  # the URL is logged, masked
+    assert "postgresql+psycopg://postgres:***@" in output  # the URL is logged, masked
 
 
 def test_serve_with_the_database_down_is_alive_not_ready_and_never_prints_the_password(serve, tmp_path: Path) -> None:
@@ -395,10 +395,9 @@ def test_serve_with_the_database_down_is_alive_not_ready_and_never_prints_the_pa
 
 def test_migrate_a_database_at_an_unknown_revision_fails_in_one_line(tmp_path: Path, migrated_db: str) -> None:
     # E.g. a database migrated by a newer release than this one.
-    connection = psycopg2.connect(pg_url(migrated_db))
-    with connection, connection.cursor() as cursor:
+    # psycopg 3: leaving the block commits, then closes the connection.
+    with psycopg.connect(pg_url(migrated_db)) as connection, connection.cursor() as cursor:
         cursor.execute("UPDATE alembic_version SET version_num = '9999'")
-    connection.close()
     result = run(tmp_path, "migrate", DATABASE_URL=pg_url(migrated_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr

@@ -19,7 +19,7 @@ from typing import Any
 
 import adaccounts
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts import (
     PLATFORM_GOOGLE,
@@ -189,8 +189,9 @@ def bulk(database_url, clean_db) -> list[str]:
     """3000 rows in one INSERT, seven per create_time (ties broken by id), owners and
     statuses alternating; returns the two owner ids."""
     owners = [str(uuid.uuid4()), str(uuid.uuid4())]
-    connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
-    with connection, connection.cursor() as cursor:
+    dsn = database_url.set(drivername="postgresql").render_as_string(False)
+    # psycopg 3: leaving the block commits, then closes the connection.
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
             " status, create_time, update_time, version)"
@@ -200,7 +201,6 @@ def bulk(database_url, clean_db) -> list[str]:
             " FROM generate_series(1, %s) AS i",
             (*owners, BULK_ROWS),
         )
-    connection.close()
     return owners
 
 

@@ -19,7 +19,7 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from test_client import CLIENTS
 
-SERVER_STACK = ("sqlalchemy", "sqlmodel", "psycopg2", "pydantic_settings", "pydantic", "alembic", "adaccounts_server")
+SERVER_STACK = ("sqlalchemy", "sqlmodel", "psycopg", "pydantic_settings", "pydantic", "alembic", "adaccounts_server")
 
 CHECK_ABSENT = """
 import importlib.util, sys

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from adaccounts_server.config import (
-    DEFAULT_THREADS,
     DEVELOPMENT_PAGE_TOKEN_SECRET,
     EMBEDDED_DATABASE_URL,
     Settings,
@@ -52,7 +51,7 @@ def test_database_url_wins_over_postgres_parts(monkeypatch: pytest.MonkeyPatch) 
     assert url.password == "pw"
 
 
-def test_postgres_parts_build_a_psycopg2_url(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postgres_parts_build_a_psycopg_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTGRES_SERVER", "db.example")
     monkeypatch.setenv("POSTGRES_PORT", "6543")
     monkeypatch.setenv("POSTGRES_USER", "app")
@@ -61,7 +60,7 @@ def test_postgres_parts_build_a_psycopg2_url(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PAGE_TOKEN_SECRET", SECRET)
     settings = load()
     url = settings.database_url
-    assert url.drivername == "postgresql+psycopg2"
+    assert url.drivername == "postgresql+psycopg"
     assert (url.host, url.port, url.database, url.username, url.password) == (
         "db.example",
         6543,
@@ -77,7 +76,7 @@ def test_postgres_parts_defaults_and_no_password(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PAGE_TOKEN_SECRET", SECRET)
     url = load().database_url
     assert (url.drivername, url.host, url.port, url.username, url.password, url.database) == (
-        "postgresql+psycopg2",
+        "postgresql+psycopg",
         "db.example",
         5432,
         "postgres",
@@ -86,11 +85,11 @@ def test_postgres_parts_defaults_and_no_password(monkeypatch: pytest.MonkeyPatch
     )
 
 
-def test_bare_postgresql_url_uses_the_installed_psycopg2_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which the service does not ship.
+def test_bare_postgresql_url_uses_the_installed_psycopg_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The driver is named explicitly: psycopg 3, the one the service ships.
     monkeypatch.setenv("DATABASE_URL", "postgresql://app@db.example/accounts")
     monkeypatch.setenv("PAGE_TOKEN_SECRET", SECRET)
-    assert load().database_url.drivername == "postgresql+psycopg2"
+    assert load().database_url.drivername == "postgresql+psycopg"
 
 
 def test_nothing_configured_means_the_embedded_sqlite_file() -> None:
@@ -105,10 +104,37 @@ def test_nothing_configured_means_the_embedded_sqlite_file() -> None:
 
 def test_defaults() -> None:
     settings = load()
-    assert (settings.GRPC_HOST, settings.GRPC_PORT, settings.GRPC_THREADS) == ("0.0.0.0", 50051, DEFAULT_THREADS)
-    assert settings.pool_size == DEFAULT_THREADS
-    assert load(GRPC_THREADS=3).pool_size == 3
-    assert load(GRPC_THREADS=3, DB_POOL_SIZE=5).pool_size == 5
+    assert (settings.GRPC_HOST, settings.GRPC_PORT) == ("0.0.0.0", 50051)
+    # One worker process unless asked (as gunicorn and uvicorn), whatever the host's CPU count.
+    assert settings.GRPC_WORKERS == 1
+    assert (settings.DB_POOL_SIZE, settings.MAX_CONCURRENT_RPCS) == (8, 128)
+    assert load(DB_POOL_SIZE=5).DB_POOL_SIZE == 5
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"],
+)
+def test_every_deployed_postgresql_url_form_selects_psycopg_3(monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    # Deployed Secrets hold each of these; the service ships one driver.
+    monkeypatch.setenv("DATABASE_URL", f"{form}://app:pw@db.example:6543/accounts")
+    monkeypatch.setenv("PAGE_TOKEN_SECRET", SECRET)
+    url = load().database_url
+    assert url.drivername == "postgresql+psycopg"
+    assert (url.host, url.port, url.database, url.username, url.password) == (
+        "db.example",
+        6543,
+        "accounts",
+        "app",
+        "pw",
+    )
+
+
+def test_settings_that_no_longer_exist_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Deployment written for an older release still starts.
+    for name in ("GRPC_THREADS", "DB_READ_POOL_SIZE", "DB_MAX_OVERFLOW"):
+        monkeypatch.setenv(name, "4")
+    assert load().DB_POOL_SIZE == 8
 
 
 def test_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,9 +145,9 @@ def test_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_dotenv_file_is_read_and_environment_wins_over_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("GRPC_PORT=7100\nGRPC_THREADS=4\n")
+    (tmp_path / ".env").write_text("GRPC_PORT=7100\nDB_POOL_SIZE=4\n")
     settings = load_settings()
-    assert (settings.GRPC_PORT, settings.GRPC_THREADS) == (7100, 4)
+    assert (settings.GRPC_PORT, settings.DB_POOL_SIZE) == (7100, 4)
     monkeypatch.setenv("GRPC_PORT", "7200")
     assert load_settings().GRPC_PORT == 7200
 
@@ -165,10 +191,10 @@ def test_page_token_secret_shorter_than_16_characters_is_rejected(monkeypatch: p
         ("GRPC_PORT", "abc"),
         ("GRPC_PORT", "-1"),
         ("GRPC_PORT", "65536"),
-        ("GRPC_THREADS", "0"),
-        ("GRPC_THREADS", "many"),
+        ("GRPC_WORKERS", "0"),
+        ("DB_POOL_SIZE", "many"),
         ("DB_POOL_SIZE", "0"),
-        ("DB_MAX_OVERFLOW", "-1"),
+        ("MAX_CONCURRENT_RPCS", "0"),
         ("DB_POOL_TIMEOUT", "0"),
         ("DB_CONNECT_TIMEOUT", "0"),
         ("HEALTH_CHECK_INTERVAL_S", "0"),
@@ -178,7 +204,7 @@ def test_page_token_secret_shorter_than_16_characters_is_rejected(monkeypatch: p
         ("LOG_LEVEL", "LOUD"),
         ("DATABASE_URL", "mysql://x"),
         ("DATABASE_URL", "not a url"),
-        ("DATABASE_URL", "postgresql+psycopg://app@db.example/accounts"),
+        ("DATABASE_URL", "postgresql+asyncpg://app@db.example/accounts"),
         ("DATABASE_URL", "postgresql+nosuchdriver://app@db.example/accounts"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -18,9 +18,7 @@ pytestmark = pytest.mark.faults
 
 def blocked_backends(database_url) -> list[str]:
     """Statements of this service's backends waiting on a lock in the test database."""
-    connection = psycopg2.connect(
-        database_url.set(drivername="postgresql", database="postgres").render_as_string(False)
-    )
+    connection = psycopg.connect(database_url.set(drivername="postgresql", database="postgres").render_as_string(False))
     try:
         with connection.cursor() as cursor:
             cursor.execute(
@@ -83,8 +81,8 @@ def test_a_cancelled_call_cancels_its_query(stub, database_url):
 
 
 def test_a_point_read_stops_in_postgresql_at_its_deadline_and_when_cancelled(stub, database_url):
-    # GetAdAccount's read is awaited on the event loop (loop_pool), not run on a worker
-    # thread: its statement must still end with its caller.
+    # A read outside any transaction, awaited on the event loop: its statement must
+    # still end with its caller.
     account = create(stub)
     release, holder = hold_lock(database_url, "LOCK TABLE ad_accounts IN ACCESS EXCLUSIVE MODE")
     try:

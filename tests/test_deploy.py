@@ -133,7 +133,7 @@ def test_termination_grace_outlasts_the_servers_own_shutdown() -> None:
     settings = settings_from(deployment())
     pre_stop = container(deployment())["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    needed = float(pre_stop[1]) + settings.SHUTDOWN_GRACE_S + app._FINAL_STOP_GRACE_S + app._THREAD_EXIT_WAIT_S
+    needed = float(pre_stop[1]) + settings.SHUTDOWN_GRACE_S + app._FINAL_STOP_GRACE_S + app._CUT_SHORT_WAIT_S
     assert spec["terminationGracePeriodSeconds"] > needed, (
         "Kubernetes would SIGKILL the server before it finished draining"
     )

@@ -7,7 +7,7 @@ import threading
 import uuid
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -15,7 +15,7 @@ from conftest import ADMIN_URL, RunningServer, create_database, drop_database, n
 from test_crud import create, field_violations, rpc_error
 
 # What a caller must never see in an error message.
-LEAKS = ("SELECT", "INSERT", "UPDATE ad_accounts", "ad_accounts", "psycopg2", "Traceback", "127.0.0.1", "sqlalchemy")
+LEAKS = ("SELECT", "INSERT", "UPDATE ad_accounts", "ad_accounts", "psycopg", "Traceback", "127.0.0.1", "sqlalchemy")
 
 
 def assert_clean(error: grpc.RpcError) -> None:
@@ -166,12 +166,12 @@ def hold_lock(database_url, statement: str, parameters: tuple = ()) -> tuple[thr
     locked, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
-        with connection, connection.cursor() as cursor:
-            cursor.execute(statement, parameters)
+        dsn = database_url.set(drivername="postgresql").render_as_string(False)
+        # psycopg 3: leaving the block commits, then closes the connection.
+        with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
+            cursor.execute(statement, parameters or None)
             locked.set()
             release.wait(30)
-        connection.close()
 
     thread = threading.Thread(target=hold)
     thread.start()
@@ -203,11 +203,8 @@ def first_failure(call, request, attempts: int = 50) -> grpc.RpcError | None:
 
 
 def test_exhausted_pool_is_unavailable(clean_db, database_url):
-    # One connection, no overflow: an update stuck on a row lock holds it, and
-    # List reads through the same pool (Get and BatchGet have their own: see below).
-    running = RunningServer(
-        test_settings(database_url, GRPC_THREADS=4, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.3)
-    )
+    # One connection: an update stuck on a row lock holds it, and List reads through the same pool.
+    running = RunningServer(test_settings(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
@@ -228,10 +225,10 @@ def test_exhausted_pool_is_unavailable(clean_db, database_url):
         running.stop()
 
 
-def test_exhausted_point_read_pool_is_unavailable(clean_db, database_url):
-    # Get's and BatchGet's connections on the event loop (loop_pool): one, held by a read
-    # stuck behind a table lock; the next read waits DB_POOL_TIMEOUT, then UNAVAILABLE.
-    running = RunningServer(test_settings(database_url, DB_READ_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
+def test_a_point_read_waiting_for_the_only_connection_is_unavailable(clean_db, database_url):
+    # One connection, held by a read stuck behind a table lock; the next read waits
+    # DB_POOL_TIMEOUT, then UNAVAILABLE.
+    running = RunningServer(test_settings(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)

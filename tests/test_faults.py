@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -234,9 +234,7 @@ def server_on(route: Route) -> Iterator[RunningServer]:
 
 def superuser(route: Route):  # type: ignore[no-untyped-def]
     """A direct superuser connection to the PostgreSQL behind the route (never through PgBouncer)."""
-    connection = psycopg2.connect(route.pg.dsn)
-    connection.autocommit = True
-    return connection
+    return psycopg.connect(route.pg.dsn, autocommit=True)
 
 
 def terminate_backends(route: Route) -> int:
@@ -336,7 +334,7 @@ def test_calls_after_every_idle_backend_is_terminated_succeed(route, server_on):
             stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=CALL_TIMEOUT_S).id
             for _ in range(8)
         ]
-        # Warm every pooled connection: 8 concurrent calls on 8 worker threads.
+        # Warm every pooled connection: 24 concurrent calls on a pool of 8.
         futures = [stub.GetAdAccount.future(pb.GetAdAccountRequest(id=i), timeout=CALL_TIMEOUT_S) for i in ids * 3]
         assert all(f.result().id for f in futures)
         wait_until(lambda: server_on.app.database.checked_out() == 0, 5, message="an idle pool")
@@ -538,7 +536,7 @@ class RowLock:
     """A direct connection holding one account's row lock in an open transaction."""
 
     def __init__(self, route: Route, account_id: str) -> None:
-        self.connection = psycopg2.connect(route.pg.dsn)
+        self.connection = psycopg.connect(route.pg.dsn)
         with self.connection.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
             self.pid = cursor.fetchone()[0]

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -109,7 +109,7 @@ def assert_valid_account(account: pb.AdAccount) -> None:
 
 def assert_table_consistent(database_url) -> int:  # type: ignore[no-untyped-def]
     """Every stored row obeys the validation rules; the number of rows."""
-    connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
+    connection = psycopg.connect(database_url.set(drivername="postgresql").render_as_string(False))
     try:
         with connection.cursor() as cursor:
             cursor.execute(

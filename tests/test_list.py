@@ -6,7 +6,7 @@ import threading
 import uuid
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -32,11 +32,12 @@ def seeded(stub, database_url) -> list[pb.AdAccount]:
     """130 accounts with shared and distinct names, two owners, several platforms and statuses,
     inserted in one statement so that many share a create_time (ties broken by id)."""
     owners = [str(uuid.uuid4()), str(uuid.uuid4())]
-    connection = psycopg2.connect(database_url.set(drivername="postgresql").render_as_string(False))
+    dsn = database_url.set(drivername="postgresql").render_as_string(False)
     platforms = ["META", "GOOGLE", "TIKTOK", "X"]
     statuses = ["ACTIVE", "PAUSED", "ARCHIVED"]
     names = ["alpha", "Beta", "beta", "Ärger", "zeta", "Zulu", "émile", "alpha"]
-    with connection, connection.cursor() as cursor:
+    # psycopg 3: leaving the block commits, then closes the connection.
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
         for i in range(130):
             cursor.execute(
                 "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
@@ -55,7 +56,6 @@ def seeded(stub, database_url) -> list[pb.AdAccount]:
                     str((i * 7) % 13),
                 ),
             )
-    connection.close()
     return walk(stub, page_size=1000)
 
 

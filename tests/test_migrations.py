@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -68,21 +68,20 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def dsn(url: URL) -> str:
-    """A libpq URL for psycopg2 and psql."""
+    """A libpq URL for psycopg and psql."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def connect(url: URL, autocommit: bool = True):  # type: ignore[no-untyped-def]
-    connection = psycopg2.connect(dsn(url))
-    connection.autocommit = autocommit
-    return connection
+    return psycopg.connect(dsn(url), autocommit=autocommit)
 
 
 def query(url: URL, sql: str, *args: object) -> list[tuple]:
     connection = connect(url)
     try:
         with connection.cursor() as cursor:
-            cursor.execute(sql, args)
+            # No arguments: no parameters at all (psycopg 3 then sends the SQL as is, unparsed).
+            cursor.execute(sql, args or None)
             return cursor.fetchall() if cursor.description else []
     finally:
         connection.close()
@@ -266,7 +265,7 @@ def test_migration_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no .env
     settings = load_settings(_env_file=None, MIGRATION_DATABASE_URL="postgresql://m:pw@db/app")
-    assert settings.migration_database_url.drivername == "postgresql+psycopg2"
+    assert settings.migration_database_url.drivername == "postgresql+psycopg"
     assert settings.uses_embedded_database  # the Job needs no server settings
     assert "pw" not in repr(settings)
     plain = load_settings(
@@ -594,8 +593,8 @@ def test_the_readme_roles_migrator_migrates_and_the_app_role_serves_without_ddl_
     created = subprocess.run(
         [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn(admin)], input=sql, capture_output=True, text=True
     )
-    as_migrator = admin.set(drivername="postgresql+psycopg2", username=migrator, database=database)
-    as_app = admin.set(drivername="postgresql+psycopg2", username=app, database=database)
+    as_migrator = admin.set(drivername="postgresql+psycopg", username=migrator, database=database)
+    as_app = admin.set(drivername="postgresql+psycopg", username=app, database=database)
     server = None
     try:
         assert created.returncode == 0, created.stderr
@@ -618,7 +617,7 @@ def test_the_readme_roles_migrator_migrates_and_the_app_role_serves_without_ddl_
             assert stub.ListAdAccounts(pb.ListAdAccountsRequest(), timeout=5).ad_accounts[0].name == "Renamed"
             stub.DeleteAdAccount(pb.DeleteAdAccountRequest(id=created_account.id), timeout=5)
         for ddl in ("CREATE TABLE intruder (i int)", "DROP INDEX ix_ad_accounts_name_id", "TRUNCATE ad_accounts"):
-            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 query(as_app, ddl)
     finally:
         if server is not None:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -60,8 +60,7 @@ def rpc_code(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyp
 
 
 def test_pgbouncer_runs_in_transaction_pooling_mode(pgbouncer):
-    connection = psycopg2.connect(pgbouncer.admin_dsn)
-    connection.autocommit = True  # the admin console has no transactions
+    connection = psycopg.connect(pgbouncer.admin_dsn, autocommit=True)  # the admin console has no transactions
     with connection.cursor() as cursor:
         cursor.execute("SHOW CONFIG")
         config = {row[0]: row[1] for row in cursor.fetchall()}
@@ -122,8 +121,8 @@ def walk(stub, **fields) -> list[pb.AdAccount]:  # type: ignore[no-untyped-def]
 def test_list_walk_through_pgbouncer(stub, via_bouncer):
     owner = str(uuid.uuid4())
     names = ["alpha", "Beta", "beta", "Ärger", "zeta", "Zulu", "émile", "alpha"]
-    connection = psycopg2.connect(via_bouncer.pg.dsn)
-    with connection, connection.cursor() as cursor:
+    # psycopg 3: leaving the block commits, then closes the connection.
+    with psycopg.connect(via_bouncer.pg.dsn) as connection, connection.cursor() as cursor:
         for i in range(137):
             cursor.execute(
                 "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
@@ -133,7 +132,6 @@ def test_list_walk_through_pgbouncer(stub, via_bouncer):
                 " '2026-02-01'::timestamptz + (%s || ' seconds')::interval, 1)",
                 (str(uuid.uuid4()), owner, f"walk_{uuid.uuid4().hex[:12]}", names[i % 8], str(i // 10), str(i % 13)),
             )
-    connection.close()
     everything = walk(stub, owner_id=owner, order_by="name")
     assert len(everything) == 137
 
@@ -157,8 +155,7 @@ def test_list_walk_through_pgbouncer(stub, via_bouncer):
 def backend_still_busy(route: Route, holder: int) -> list[tuple]:
     """Backends (other than the lock holder) still running a statement on ad_accounts
     (the health monitor's `SELECT 1` aside)."""
-    connection = psycopg2.connect(route.pg.dsn)
-    connection.autocommit = True
+    connection = psycopg.connect(route.pg.dsn, autocommit=True)
     try:
         with connection.cursor() as cursor:
             cursor.execute(
@@ -228,7 +225,7 @@ def test_statement_timeout_stays_with_its_transaction_behind_pgbouncer(stub, via
 
     # ...leave no statement_timeout behind on any of them: other clients of the same server
     # connections (held at once, so each gets a different one) see the database's default.
-    clients = [psycopg2.connect(pgbouncer.dsn) for _ in range(12)]
+    clients = [psycopg.connect(pgbouncer.dsn) for _ in range(12)]
     seen: list[str] = []
     try:
         barrier = threading.Barrier(len(clients))

@@ -8,7 +8,7 @@ import time
 import uuid
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -19,18 +19,14 @@ from pg_instance import ThrowawayPostgres
 @pytest.fixture
 def logged_server(throwaway_pg: ThrowawayPostgres):
     """A one-connection server whose every statement the throwaway PostgreSQL logs."""
-    admin = psycopg2.connect(throwaway_pg.dsn)
-    admin.autocommit = True
+    admin = psycopg.connect(throwaway_pg.dsn, autocommit=True)
     with admin.cursor() as cursor:
         cursor.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
-    marker = psycopg2.connect(throwaway_pg.dsn)  # opened after the ALTER: its markers are logged
-    marker.autocommit = True
+    marker = psycopg.connect(throwaway_pg.dsn, autocommit=True)  # opened after the ALTER: its markers are logged
     running = RunningServer(
         test_settings(
             throwaway_pg.url,
-            GRPC_THREADS=1,
             DB_POOL_SIZE=1,
-            DB_MAX_OVERFLOW=0,
             HEALTH_CHECK_INTERVAL_S=3600,  # one ping at start, then quiet
             DB_POOL_PRE_PING_IDLE_S=0.5,
         )

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
@@ -72,13 +72,12 @@ class RowLock:
     """Another database client holding one account's row lock in an open transaction."""
 
     def __init__(self, pg: ThrowawayPostgres, account_id: str) -> None:
-        self._connection = psycopg2.connect(pg.dsn)
+        self._connection = psycopg.connect(pg.dsn)
         with self._connection.cursor() as cursor:
             cursor.execute("SELECT id FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
             assert cursor.rowcount == 1
         # pg_stat_activity is a snapshot per transaction: look at it from outside this one.
-        self._observer = psycopg2.connect(pg.dsn)
-        self._observer.autocommit = True
+        self._observer = psycopg.connect(pg.dsn, autocommit=True)
 
     def server_calls_waiting(self) -> int:
         """How many of the server's connections wait for a lock right now."""
@@ -147,15 +146,15 @@ def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for,
         wait_until(lambda: client.status() == SERVING, 10, message="SERVING")
         account, lock, update = start_blocked_update(client, lock_row, "Renamed during shutdown")
 
-        # What the pool still lends out at the moment the engine is disposed.
-        checked_out_at_dispose: list[int] = []
-        dispose = server.app.database.dispose
+        # What the pool still lends out at the moment the database is closed.
+        checked_out_at_close: list[int] = []
+        close = server.app.database.close
 
-        def recording_dispose() -> None:
-            checked_out_at_dispose.append(server.app.database.checked_out())
-            dispose()
+        async def recording_close() -> None:
+            checked_out_at_close.append(server.app.database.checked_out())
+            await close()
 
-        server.app.database.dispose = recording_dispose  # type: ignore[method-assign]
+        server.app.database.close = recording_close  # type: ignore[method-assign]
 
         stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
         wait_until(lambda: client.status() == NOT_SERVING, 5, message="NOT_SERVING")
@@ -170,7 +169,7 @@ def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for,
         assert renamed.name == "Renamed during shutdown"
         assert renamed.etag != account.etag
         stopping.result(timeout=10)
-        assert checked_out_at_dispose == [0]
+        assert checked_out_at_close == [0]
 
         # Stopped for good: the port no longer answers.
         with pytest.raises(grpc.RpcError) as gone:
@@ -186,10 +185,9 @@ def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for,
             server._loop.close()
 
     # The change was committed, not cut short.
-    with psycopg2.connect(pg.dsn) as connection, connection.cursor() as cursor:
+    with psycopg.connect(pg.dsn) as connection, connection.cursor() as cursor:  # closed on leaving the block
         cursor.execute("SELECT name FROM ad_accounts WHERE id = %s", (account.id,))
         assert cursor.fetchone() == ("Renamed during shutdown",)
-    connection.close()
 
 
 class ServerProcess:
@@ -299,11 +297,10 @@ def test_sigterm_exits_after_the_grace_period_while_a_call_still_waits_on_the_da
 
     # UNAVAILABLE means the call changed nothing: once the lock goes, the update must not land.
     lock.release()
-    with psycopg2.connect(pg.dsn) as connection, connection.cursor() as cursor:
+    with psycopg.connect(pg.dsn) as connection, connection.cursor() as cursor:  # closed on leaving the block
         wait_until(lambda: _server_connections(cursor) == 0, 10, message="the server's connections to be gone")
         cursor.execute("SELECT name FROM ad_accounts WHERE id = %s", (account.id,))
         assert cursor.fetchone() == (account.name,)
-    connection.close()
 
 
 def test_sigterm_exits_after_the_grace_period_while_the_database_is_stalled(pg, spawn_server, client_for):

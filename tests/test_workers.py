@@ -102,16 +102,6 @@ def test_workers_refuse_a_port_that_is_taken(serve, tmp_path):
     assert str(port) in result.stderr
 
 
-def test_default_workers_respect_a_cgroup_cpu_quota(tmp_path):
-    from adaccounts_server.workers import _cgroup_cpu_quota
-
-    limits = tmp_path / "cpu.max"
-    for text, expected in (("max 100000", None), ("150000 100000", 1.5), ("200000 100000", 2.0), ("", None)):
-        limits.write_text(text)
-        assert _cgroup_cpu_quota(str(limits)) == expected
-    assert _cgroup_cpu_quota(str(tmp_path / "absent")) is None
-
-
 def test_sigterm_while_workers_are_still_starting_exits_0(serve, migrated_db):
     """A deploy that stops a pod right after it started: workers killed by the forwarded
     SIGTERM before they could serve lost nothing, so the supervisor still exits 0."""

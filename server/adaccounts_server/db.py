@@ -27,7 +27,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
 from typing import Any, ClassVar, NamedTuple
 
 import sqlalchemy as sa
@@ -186,7 +186,7 @@ class Database(ABC):
         limit = self.max_statement_s if remaining is None else min(remaining, self.max_statement_s)
         return max(1, int(limit * 1000))
 
-    def _span(self, sql: str) -> AbstractAsyncContextManager[Any] | Any:
+    def _span(self, sql: str) -> AbstractContextManager[Any]:
         if self.tracer is None:
             return nullcontext()
         from opentelemetry.trace import SpanKind
@@ -330,8 +330,9 @@ class PostgresDatabase(Database):
         prefix = "BEGIN; SELECT txid_current(); " if begin else ""
         sql = f"{prefix}SET LOCAL statement_timeout = {timeout_ms}; {compiled.sql}"
         cursor = connection.cursor()
-        async with self._span(compiled.sql), asyncio.timeout(timeout_ms / 1000 + ANSWER_GRACE_S):
-            await cursor.execute(sql, _db_values(parameters) if parameters else None)
+        with self._span(compiled.sql):
+            async with asyncio.timeout(timeout_ms / 1000 + ANSWER_GRACE_S):
+                await cursor.execute(sql, _db_values(parameters) if parameters else None)
             results = []  # one per statement in the message: its rows, or None
             while True:
                 results.append(await cursor.fetchall() if cursor.description is not None else None)
@@ -652,7 +653,7 @@ class SqliteDatabase(Database):
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
         scope.remaining()
         async with self._connection() as connection:
-            async with self._span(str(statement)):
+            with self._span(str(statement)):
                 result = await connection.execute(statement, parameters)
             return list(result.all()) if result.returns_rows else []
 
@@ -687,7 +688,7 @@ class _SqliteTransaction(Transaction):
 
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None = None) -> list[Row]:
         try:
-            async with self._db._span(str(statement)):
+            with self._db._span(str(statement)):
                 result = await self._connection.execute(statement, parameters)
         except sa.exc.IntegrityError as error:
             raise UniqueViolation("unique constraint") from error

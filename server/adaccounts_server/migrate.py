@@ -196,7 +196,7 @@ def _explain(error: DBAPIError, run: MigrationRun, options: MigrationOptions) ->
         return MigrationError(f"cannot reach the database: {first_line(error.orig)}")
     failing = _failing_revision(run)
     which = f"{'revision' if run.upgrading else 'the downgrade of revision'} {failing}" if failing else "the migration"
-    code = getattr(error.orig, "pgcode", None)
+    code = getattr(error.orig, "sqlstate", None)
     if code == LOCK_NOT_AVAILABLE:
         return MigrationBusy(
             f"{which} waited more than {options.lock_timeout_s:g} s for a lock on a table in use "

@@ -16,7 +16,6 @@ and exits 0 once every worker has stopped.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -36,24 +35,6 @@ log = logging.getLogger(__name__)
 _EARLY_DEATH_S = 10.0
 _MAX_EARLY_DEATHS = 5
 _RESTART_PAUSE_S = 1.0
-
-
-def default_workers() -> int:
-    """The CPUs this process may use: those it may run on, capped by a cgroup (v2) CPU
-    quota, so a container limited to 2 CPUs on a 64-core node does not start 64 workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
-
-
-def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
-    """CPUs allowed by the cgroup ("200000 100000" means 2), None when unlimited or unknown."""
-    try:
-        with open(path) as limits:
-            quota, period = limits.read().split()[:2]
-        return int(quota) / int(period)
-    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
-        return None
 
 
 def run(settings: Settings, workers: int, configure_logging: Callable[[str, str], None]) -> int:
