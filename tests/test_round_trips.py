@@ -79,3 +79,62 @@ def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, thro
     assert re.match(r"SET LOCAL statement_timeout = \d+; SELECT ad_accounts\.id", busy[0]), busy
     # Idle past the threshold: the ping first, then the same single message.
     assert [s.strip().upper() for s in idle[:1]] == ["SELECT 1"] and len(idle) == 2, idle
+
+
+def test_an_idle_connection_that_is_alive_is_reused(logged_server, throwaway_pg):
+    # Issue 12, row 7: the old read pool's idle pre-ping always failed, so every connection
+    # idle past DB_POOL_PRE_PING_IDLE_S was dropped and a new backend logged in.
+    running, _ = logged_server
+
+    def backends() -> set[tuple[int, object]]:
+        with psycopg.connect(throwaway_pg.dsn, autocommit=True) as connection:
+            rows = connection.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE application_name = 'adaccounts'"
+            ).fetchall()
+        return {(pid, started) for pid, started in rows}
+
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+        before = backends()
+        for _ in range(3):
+            time.sleep(0.7)  # idle past DB_POOL_PRE_PING_IDLE_S (0.5 s here): pinged, then lent
+            for _ in range(8):
+                stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
+        after = backends()
+    assert len(before) == 1, before
+    assert after == before, "the pooled connection was replaced instead of reused"
+
+
+def test_writes_take_one_message_per_statement_and_commit_alone(logged_server, throwaway_pg):
+    running, marker = logged_server
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        created: list[pb.AdAccount] = []
+
+        def create() -> None:
+            created.append(stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10))
+
+        create()
+        creating = statements_during(throwaway_pg, marker, create)
+
+        def update() -> None:
+            stub.UpdateAdAccount(
+                pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=created[-1].id, name="Renamed")), timeout=10
+            )
+
+        updating = statements_during(throwaway_pg, marker, update)
+
+    print(f"\n[round trips] create: {creating}\n[round trips] update: {updating}")
+    # BEGIN, the transaction's id and the deadline travel with the first statement; COMMIT goes
+    # alone once the block is done (never sent for a call that was cancelled before it).
+    assert len(creating) == 2, creating
+    assert re.match(r"BEGIN; SELECT txid_current\(\); SET LOCAL statement_timeout = \d+; INSERT", creating[0])
+    assert creating[1].strip().upper() == "COMMIT"
+    assert len(updating) == 3, updating
+    # (the log shows a statement's first line: the row lock's FOR UPDATE is further down)
+    assert re.match(
+        r"BEGIN; SELECT txid_current\(\); SET LOCAL statement_timeout = \d+; SELECT ad_accounts", updating[0]
+    )
+    assert re.match(r"SET LOCAL statement_timeout = \d+; UPDATE ad_accounts", updating[1])
+    assert updating[2].strip().upper() == "COMMIT"
