@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
 
 import grpc
 import psycopg
@@ -117,3 +119,21 @@ def test_statements_are_capped_even_without_a_deadline(clean_db, database_url):
             assert running.app.database.checked_out() == 0
     finally:
         running.stop()
+
+
+def test_calls_whose_deadline_expires_are_counted_and_logged_as_deadline_exceeded(stub, caplog):
+    # Issue 12, row 4: a deadline that ran out while the answer was being sent was logged
+    # as UNKNOWN at ERROR, with gRPC core's traceback, and counted as UNKNOWN.
+    account = create(stub)
+    caplog.set_level(logging.INFO)
+    codes: Counter[grpc.StatusCode] = Counter()
+    for _ in range(8):
+        futures = [stub.GetAdAccount.future(pb.GetAdAccountRequest(id=account.id), timeout=0.002) for _ in range(500)]
+        for future in futures:
+            codes[future.exception().code() if future.exception() else grpc.StatusCode.OK] += 1
+    assert codes[grpc.StatusCode.DEADLINE_EXCEEDED] > 0, codes
+    time.sleep(0.2)  # the last calls' log lines
+    ours = [r for r in caplog.records if r.name.startswith(("adaccounts_server", "grpc"))]
+    assert not [r.getMessage() for r in ours if r.levelno >= logging.ERROR][:3]
+    assert not [r.getMessage() for r in ours if "UNKNOWN" in r.getMessage()][:3]
+    assert not [r.getMessage() for r in ours if r.exc_info][:3]

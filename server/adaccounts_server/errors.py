@@ -7,11 +7,13 @@ the detail goes to the server log only, under an error id quoted to the caller.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -110,6 +112,24 @@ def _translate(error: BaseException) -> ServiceError:
     error_id = uuid.uuid4().hex[:16]
     log.error("unexpected error, error id %s", error_id, exc_info=error, extra={"error_id": error_id})
     return ServiceError(_INTERNAL_MESSAGE.format(error_id))
+
+
+async def answer(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
+) -> NoReturn:
+    """End the call with this status (context.abort), or, when gRPC could not send it because
+    the call ended meanwhile (its deadline passed, its caller went away), as a cancelled call:
+    that is not the server's failure, and must not read as UNKNOWN in the logs and metrics."""
+    try:
+        await context.abort(code, details, trailing_metadata)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # grpc's ExecuteBatchError: nobody is left to answer
+        raise asyncio.CancelledError from None
+    raise AssertionError("context.abort returned")
 
 
 def error_id_of(details: str | None) -> str | None:

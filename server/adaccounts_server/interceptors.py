@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from . import logs
+from . import errors, logs
 from .config import TokenGrant
 from .errors import error_id_of
 from .metrics import Metrics
@@ -257,6 +257,6 @@ def _refusal(refused: Refused) -> Callable[[Any, grpc.aio.ServicerContext], Awai
     """A handler that answers `refused` without running the real one."""
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(refused.code, str(refused))
+        await errors.answer(context, refused.code, str(refused))
 
     return refuse

@@ -113,10 +113,11 @@ class AdAccountService:
         driver then cancels the statement in PostgreSQL, and a transaction whose
         COMMIT was not yet sent is rolled back (db)."""
         if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+            await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
         if len(self._calls) >= self._max_in_flight:
             # Shed at once: queueing would only make every caller late.
-            await context.abort(
+            await errors.answer(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is overloaded ({len(self._calls)} calls in progress); retry with backoff",
             )
@@ -134,14 +135,13 @@ class AdAccountService:
             if self._cutting_short:
                 # Answered here, so that gRPC has no call left to cancel as it stops
                 # (it prints a bare CancelledError traceback for each one it does).
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+                await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
             raise
         except Exception as error:
             status = errors.to_status(error)
             # abort_with_status would replace the trailing metadata set so far (x-request-id).
             trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
-            await context.abort(status.code, status.details, trailing)
-            raise  # abort always raises; this keeps type checkers informed
+            await errors.answer(context, status.code, status.details, trailing)
         finally:
             self._calls.discard(task)
             if not self._calls:
