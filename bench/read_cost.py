@@ -3,8 +3,8 @@
     python bench/read_cost.py [--reads-in-flight 8] [--reads 3000]
 
 Seeds a throwaway PostgreSQL with 1,000 rows, then runs the service's own read path on
-one event loop -- the id check, Database.read_prebuilt_on_loop (loop_pool) and the row to
-its protobuf message -- with N reads in flight, and prints the process's CPU time per read
+one event loop -- the id check, AdAccountRepository.get (psycopg 3 on the loop, from the
+worker's pool) and the row to its protobuf message -- with N reads in flight, and prints the process's CPU time per read
 and the reads per second. Set against the bare echo RPC's cost per call (bench/run.py),
 it says how much of a GetAdAccount call is the database path and how much is gRPC's.
 """
@@ -15,13 +15,12 @@ import argparse
 import asyncio
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psycopg2
+import psycopg
 from adaccounts_server import convert
-from adaccounts_server.config import load_settings
-from adaccounts_server.db import CallScope, Database
+from adaccounts_server.config import Settings, load_settings
+from adaccounts_server.db import CallScope, open_database
 from adaccounts_server.migrate import upgrade_to_head
 from adaccounts_server.repository import AdAccountRepository
 
@@ -29,16 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pg_instance import ThrowawayPostgres  # tests/ is not a package
 
 
-async def measure(repository: AdAccountRepository, account_id: str, in_flight: int, reads: int) -> tuple[float, float]:
-    async def reader(count: int) -> None:
-        for _ in range(count):
-            row = await repository.get_on_loop(convert.parse_id(account_id, "id"), CallScope(None))
-            convert.to_proto(row)
+async def measure(settings: Settings, account_id: str, in_flight: int, reads: int) -> tuple[float, float]:
+    database = open_database(settings)
+    await database.open()
+    try:
+        repository = AdAccountRepository(database)
 
-    await asyncio.gather(*(reader(100) for _ in range(in_flight)))  # connections made, caches warm
-    cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(reader(reads) for _ in range(in_flight)))
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        async def reader(count: int) -> None:
+            for _ in range(count):
+                row = await repository.get(convert.parse_id(account_id, "id"), CallScope(None))
+                convert.to_proto(row)
+
+        await asyncio.gather(*(reader(100) for _ in range(in_flight)))  # connections made, caches warm
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(reader(reads) for _ in range(in_flight)))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        await database.close()
     total = in_flight * reads
     return cpu / total, total / wall
 
@@ -52,30 +58,20 @@ def main() -> None:
     try:
         pg.start()
         upgrade_to_head(pg.url)
-        with psycopg2.connect(pg.dsn) as connection, connection.cursor() as cursor:
-            cursor.execute(
+        with psycopg.connect(pg.dsn, autocommit=True) as connection:
+            account_id = connection.execute(
                 "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
                 " status, create_time, update_time, version)"
                 " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'ext_' || i, 'Account ' || i, 'EUR',"
                 " 'Europe/Paris', 'ACTIVE', now(), now(), 1 FROM generate_series(1, 1000) AS i"
                 " RETURNING id::text"
-            )
-            account_id = cursor.fetchone()[0]
-        connection.close()
+            ).fetchall()[0][0]
         settings = load_settings(
             DATABASE_URL=pg.url.render_as_string(hide_password=False),
             PAGE_TOKEN_SECRET="read-cost-page-token-secret",
             _env_file=None,
         )
-        database = Database(settings)
-        cancels = ThreadPoolExecutor(max_workers=1)
-        database.enable_loop_reads(cancels)
-        try:
-            repository = AdAccountRepository(database)
-            cpu, rate = asyncio.run(measure(repository, account_id, args.reads_in_flight, args.reads))
-        finally:
-            database.dispose()
-            cancels.shutdown()
+        cpu, rate = asyncio.run(measure(settings, account_id, args.reads_in_flight, args.reads))
         print(f"{cpu * 1e6:.1f} µs of CPU per read, {rate:,.0f} reads/s, {args.reads_in_flight} in flight, one loop")
     finally:
         pg.cleanup()

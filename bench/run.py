@@ -1,7 +1,8 @@
 """The benchmark of issue 6: one table of throughput, latency and ratios against baselines.
 
-    python bench/run.py            # full: 100,000 rows, 10 s per case after a 2 s warm-up
-    python bench/run.py --smoke    # CI: 5,000 rows, 2 s per case, List's last page is page 100
+    python bench/run.py                   # full: 100,000 rows, 10 s per case after a 2 s warm-up
+    python bench/run.py --smoke           # CI: 5,000 rows, 2 s per case, List's last page is page 100
+    python bench/run.py --against HEAD~3  # this checkout ÷ another revision, side by side
 
 It seeds a throwaway PostgreSQL (never the shared one), starts `adaccounts serve` as a
 subprocess, drives it from separate load processes and prints one table: h2load (when
@@ -11,18 +12,31 @@ ratio compares two figures measured in this same run, because the machine is sha
 noisy: absolute figures from another day say little. The goals are printed next to the
 ratios and never asserted: speed goals live here, not in the tests.
 
-Everything it starts (PostgreSQL, servers, load processes) is stopped and deleted on the
-way out, whether the run ends, fails, or is interrupted with Ctrl-C or SIGTERM.
+With --against REV it compares two servers instead: REV, built in a git worktree with a
+venv of its own (revision.py), and this checkout, served by the interpreter that runs this
+script. Both run at once, one worker each (--workers), with the same settings, on the same
+seeded PostgreSQL, and the load alternates between them case by case (previous, new, new,
+previous, ...; --repeats runs each), so that the machine's noise falls on both. It prints
+the median of each side's runs and new ÷ previous for Get, BatchGet(100), List(50) and
+Create and Update: throughput and p50/p99 latency. Each server gets only the settings its
+revision has (GRPC_THREADS, say, reaches only a revision that still has it), and the table's
+header names the settings in which the two differ.
+
+Everything it starts (PostgreSQL, servers, load processes, a worktree and its venv) is stopped
+and deleted on the way out, whether the run ends, fails, or is interrupted with Ctrl-C or SIGTERM
+(a build kept with --cache-build excepted).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,16 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psycopg2
+import psycopg
+import revision
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from adaccounts_server.config import Settings, load_settings
-from adaccounts_server.migrate import upgrade_to_head
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from h2load import CASES as H2LOAD_CASES
 from h2load import H2load
 from h2load import installed as h2load_installed
 from loadgen import ECHO_METHOD, Job, LoadProcesses, Outcome
+from revision import Tree, working_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -54,6 +68,15 @@ PAGE_SIZE = 50
 # The setting that turns the pre-ping protection off, for "pre-ping on ÷ off" (--pre-ping-off).
 PRE_PING_OFF = "DB_POOL_PRE_PING=false"
 SERVER_START_TIMEOUT_S = 60.0
+# The cases of --against, in order: label, load case, whether on List's deep page.
+COMPARED_CASES = [
+    ("GetAdAccount", "get", False),
+    ("BatchGet(100)", "batch_get", False),
+    ("List(50) page 1", "list", False),
+    ("List(50) deep page", "list", True),
+    ("Create", "create", False),
+    ("Update", "update", False),
+]
 
 
 @dataclass(frozen=True)
@@ -209,6 +232,11 @@ class RssSampler:
         self._stop.set()
         self._thread.join(5)
 
+    def peak_worker(self) -> str:
+        """'103 MiB': the peak of the largest worker, or n/a."""
+        peaks = [self.peak_by_pid[pid] for pid in self.workers if pid in self.peak_by_pid]
+        return f"{max(peaks) / 2**20:.0f} MiB" if self.available and peaks else "n/a"
+
     def describe(self) -> str:
         """'103 MiB max of 2 workers; 230 MiB all 4 processes', or n/a and why."""
         if not self.available:
@@ -225,19 +253,57 @@ class RssSampler:
 # --- the run ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Side:
+    """One server of --against: which tree, where it listens, what it runs with."""
+
+    role: str  # "previous" | "new"
+    tree: Tree
+    port: int
+    settings: dict[str, str | None]
+    pool_size: int | None
+    rss: RssSampler
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, profile: Profile, workdir: Path, cleanup: contextlib.ExitStack):
         self.args = args
         self.profile = profile
         self.workdir = workdir
         self.cleanup = cleanup
+        self.tree = working_tree(ROOT)  # the tree under test: this checkout
+        self.trees = [self.tree]  # every tree of this run (for which setting names exist at all)
         self.ids: list[str] = []
-        self.env: dict[str, str] = {}
+        # The settings every server gets (each only those its tree has): the database, the
+        # secret, --threads and --set.
+        self.settings: dict[str, str] = {}
         self.load: LoadProcesses | None = None
         self.h2load: H2load | None = None
 
     def log(self, message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    # The environment ------------------------------------------------------------------------
+
+    def env_for(self, tree: Tree, overrides: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a process of `tree`: ours, less the settings `tree` does not have.
+
+        A setting only another tree of the run knows (GRPC_THREADS, say) is dropped, from our own
+        environment as well as from the bench's settings, so neither side sees the other's.
+        """
+        everyone = frozenset().union(*(t.fields for t in self.trees))
+        env = {k: v for k, v in os.environ.items() if k in tree.fields or k not in everyone}
+        if tree.isolated:  # a built revision imports nothing from this checkout
+            env.pop("PYTHONPATH", None)
+            env.pop("VIRTUAL_ENV", None)
+        else:
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
+        env.update({k: v for k, v in {**self.settings, **(overrides or {})}.items() if k in tree.fields})
+        return env
+
+    def not_passed(self, tree: Tree) -> list[str]:
+        """The bench's settings that `tree` does not have, so it never saw."""
+        return sorted(k for k in self.settings if k not in tree.fields)
 
     # The database ---------------------------------------------------------------------------
 
@@ -246,12 +312,32 @@ class Bench:
         pg = ThrowawayPostgres("adaccounts_bench")
         self.cleanup.callback(pg.cleanup)
         pg.start()
-        upgrade_to_head(pg.url)
-        connection = psycopg2.connect(pg.dsn)
-        connection.autocommit = True
-        with connection.cursor() as cursor:
+        self.settings = {
+            # No driver: each tree's settings pick their own (psycopg2 or psycopg 3).
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg.port}/{pg.database}",
+            "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+            "LOG_LEVEL": "WARNING",
+            "GRPC_HOST": "127.0.0.1",
+            "SHUTDOWN_GRACE_S": "2",  # stopping between cases need not wait for long
+            **({"GRPC_THREADS": str(self.args.threads)} if self.args.threads else {}),
+            **dict(setting.split("=", 1) for setting in self.args.set),
+        }
+        # This checkout's migrations (with --against too: a database ahead of a server's code
+        # keeps it SERVING, migrations being expand/contract).
+        migrate = subprocess.run(
+            self.tree.cli("migrate"),
+            env=self.env_for(self.tree),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        if migrate.returncode != 0:
+            raise RuntimeError(f"adaccounts migrate failed ({migrate.returncode}):\n{migrate.stderr[-3000:]}")
+        with psycopg.connect(pg.dsn, autocommit=True) as connection:
             # One statement: distinct create_times, so that page N is one definite page.
-            cursor.execute(
+            connection.execute(
                 "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
                 " status, create_time, update_time, version)"
                 " SELECT gen_random_uuid(), md5((i %% 1000)::text)::uuid,"
@@ -262,28 +348,18 @@ class Bench:
                 " FROM generate_series(1, %s) AS i",
                 (self.profile.rows,),
             )
-            cursor.execute("VACUUM ANALYZE ad_accounts")
+            connection.execute("VACUUM ANALYZE ad_accounts")
             # Write the seeded pages out now, not as a checkpoint during the first case.
-            cursor.execute("CHECKPOINT")
-            cursor.execute("SELECT id::text FROM ad_accounts ORDER BY random() LIMIT 20000")
-            self.ids = [row[0] for row in cursor.fetchall()]
-        connection.close()
-        self.env = {
-            **os.environ,
-            "DATABASE_URL": pg.url.render_as_string(hide_password=False),
-            "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
-            "LOG_LEVEL": "WARNING",
-            "GRPC_HOST": "127.0.0.1",
-            "SHUTDOWN_GRACE_S": "2",  # stopping between cases need not wait for long
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]),
-        }
+            connection.execute("CHECKPOINT")
+            rows = connection.execute("SELECT id::text FROM ad_accounts ORDER BY random() LIMIT 20000").fetchall()
+            self.ids = [row[0] for row in rows]
 
-    def server_settings(self) -> Settings:
-        """The settings `adaccounts serve` will run with (for the thread count the baselines copy)."""
-        values = {k: v for k, v in self.env.items() if k in Settings.model_fields}
-        if self.args.threads:
-            values["GRPC_THREADS"] = str(self.args.threads)
-        return load_settings(**values, _env_file=None)
+    def start_load(self) -> None:
+        self.load = LoadProcesses(self.args.load_processes)
+        self.cleanup.callback(self.load.close)
+        if self.args.load == "h2load":
+            connections = self.args.connections * self.args.load_processes
+            self.h2load = H2load(self.workdir, self.profile, self.ids[0], self.args.in_flight, connections)
 
     # Servers --------------------------------------------------------------------------------
 
@@ -295,10 +371,10 @@ class Bench:
         ready: Callable[[str], bool],
         port: int,
         processes: int,
-        env: dict[str, str] | None = None,
+        env: dict[str, str],
     ) -> Iterator[Server]:
         self.log(f"starting {name}")
-        server = Server(name, command, env or self.env, self.workdir)
+        server = Server(name, command, env, self.workdir)
         try:
             target = f"127.0.0.1:{port}"
             server.wait_ready(lambda: ready(target), port, processes)
@@ -307,12 +383,10 @@ class Bench:
             server.stop()
 
     def adaccounts(self, name: str, port: int, workers: int | None, **settings: str):  # type: ignore[no-untyped-def]
-        command = [sys.executable, "-m", "adaccounts_server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        command = self.tree.cli("serve", "--host", "127.0.0.1", "--port", str(port))
         if workers is not None:
             command += ["--workers", str(workers)]
-        if self.args.threads:
-            command += ["--threads", str(self.args.threads)]
-        return self.server(name, command, _grpc_serving, port, workers or 1, {**self.env, **settings})
+        return self.server(name, command, _grpc_serving, port, workers or 1, self.env_for(self.tree, settings))
 
     # Measuring ------------------------------------------------------------------------------
 
@@ -359,19 +433,19 @@ class Bench:
                 token = page.next_page_token
         return token
 
+    # The full run ---------------------------------------------------------------------------
+
     def run(self) -> list[Row]:
         profile, args = self.profile, self.args
+        if args.threads and "GRPC_THREADS" not in self.tree.fields:
+            raise SystemExit("run.py: --threads: this server has no GRPC_THREADS setting (--set DB_POOL_SIZE=N?)")
         self.start_database()
-        self.load = LoadProcesses(args.load_processes)
-        self.cleanup.callback(self.load.close)
-        if args.load == "h2load":
-            connections = args.connections * args.load_processes
-            self.h2load = H2load(self.workdir, self.profile, self.ids[0], args.in_flight, connections)
-        supports_workers = "--workers" in _serve_help()
+        self.start_load()
+        supports_workers = "--workers" in self.tree.serve_help(self.workdir)
         pre_ping_setting, _, pre_ping_off = args.pre_ping_off.partition("=")
         workers = (args.workers or os.cpu_count() or 1) if supports_workers else None
         processes = workers or 1
-        threads = self.server_settings().GRPC_THREADS
+        settings, pool_size = self.tree.settings(self.env_for(self.tree), self.workdir)
         deep = f"List(50) page {profile.deep_page:,}"
         figures: dict[str, Figures] = {}
 
@@ -393,18 +467,29 @@ class Bench:
             port = free_port()
             command = [sys.executable, "-m", "uvicorn", "rest_baseline:app", "--app-dir", str(ROOT / "bench")]
             command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(processes)]
-            command += ["--log-level", "warning", "--no-access-log"]
-            env = {**self.env, "REST_THREADS": str(threads)}
+            # As FastAPI's docs deploy it (uvicorn[standard]); named, so that a missing one fails.
+            command += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log"]
+            # The same pool as the gRPC server's: its size and overflow (none when it has no such setting).
+            threads = pool_size or int(settings.get("DB_POOL_SIZE") or settings.get("GRPC_THREADS") or 8)
+            env = {
+                **self.env_for(self.tree),
+                "REST_THREADS": str(threads),
+                "REST_MAX_OVERFLOW": settings.get("DB_MAX_OVERFLOW") or "0",
+            }
             # uvicorn's workers share the supervisor's socket: only one process listens.
             with self.server("REST baseline", command, _http_ok, port, 1, env):
+                stack = _rest_stack(f"127.0.0.1:{port}")
+                rest = (
+                    f"baseline: REST GET, FastAPI + SQLModel (psycopg 3, pool {threads}), uvicorn ({stack}), "
+                    f"{processes} worker(s)"
+                )
                 figures[rest] = self.measure(rest, "rest_get", port)
 
         echo = "baseline: echo RPC, no database"
         port = free_port()
         command = [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(port)]
         command += ["--workers", str(processes)]
-        env = {**self.env, **({"GRPC_THREADS": str(args.threads)} if args.threads else {})}
-        with self.server("echo server", command, _echo_answers, port, processes, env):
+        with self.server("echo server", command, _echo_answers, port, processes, self.env_for(self.tree)):
             figures[echo] = self.measure(echo, "echo", port)
 
         # Ratios 3 and 4 compare servers started one after another. Drift on this shared
@@ -415,16 +500,16 @@ class Bench:
         pre_ping_on = "GetAdAccount, pre-ping on, best of 2"
         # label -> (--workers, settings) of the server it measures
         sides: dict[str, tuple[int | None, dict[str, str]]] = {pre_ping_on: (workers, {})}
-        if pre_ping_setting in Settings.model_fields:
+        if pre_ping_setting in self.tree.fields:
             sides[no_ping] = (workers, {pre_ping_setting: pre_ping_off})
         for count in (1, 2) if supports_workers else ():
             if count != workers:
                 sides[f"GetAdAccount, --workers {count}, best of 2"] = (count, {})
         samples: dict[str, list[Figures]] = {label: [] for label in sides}
         for round_ in (1, 2):
-            for label, (count, settings) in sides.items():
+            for label, (count, overrides) in sides.items():
                 port = free_port()
-                with self.adaccounts(f"adaccounts serve ({label}, run {round_})", port, count, **settings):
+                with self.adaccounts(f"adaccounts serve ({label}, run {round_})", port, count, **overrides):
                     samples[label].append(self.measure(f"{label}, run {round_}", "get", port))
         for label, runs in samples.items():
             figures[label] = max(runs, key=lambda f: f.ops)
@@ -447,16 +532,63 @@ class Bench:
             },
         )
 
+    # --against ------------------------------------------------------------------------------
 
-def _serve_help() -> str:
-    command = [sys.executable, "-m", "adaccounts_server.cli", "serve", "--help"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
+    def compare(self, previous: Tree) -> tuple[list[ComparedRow], list[Side]]:
+        """Both servers up at once; each case measured on each, alternating, --repeats times."""
+        args = self.args
+        self.trees = [previous, self.tree]
+        for tree in self.trees:
+            _ = tree.fields  # and that each interpreter imports its own tree's code
+        self.start_database()
+        self.start_load()
+        workers = args.workers or 1
+        deep = f"List(50) page {self.profile.deep_page:,}"
+        rows: list[ComparedRow] = []
+        with contextlib.ExitStack() as servers:
+            sides: list[Side] = []
+            for role, tree in (("previous", previous), ("new", self.tree)):
+                env = self.env_for(tree, {"GRPC_WORKERS": str(workers)})
+                settings, pool_size = tree.settings(env, self.workdir)
+                port = free_port()
+                command = tree.cli("serve", "--host", "127.0.0.1", "--port", str(port))
+                if "--workers" in tree.serve_help(self.workdir):
+                    command += ["--workers", str(workers)]
+                elif workers != 1:
+                    raise RuntimeError(f"{tree.label}: adaccounts serve has no --workers")
+                name = f"{role}: {tree.label}"
+                server = servers.enter_context(self.server(name, command, _grpc_serving, port, workers, env))
+                rss = RssSampler(server.process.pid, port)
+                servers.callback(rss.stop)
+                sides.append(Side(role, tree, port, settings, pool_size, rss))
+            tokens = {side.role: self.deep_page_token(side.port) for side in sides}
+            for label, case, on_deep_page in COMPARED_CASES:
+                label = deep if on_deep_page else label
+                runs: dict[str, list[Figures]] = {side.role: [] for side in sides}
+                for round_ in range(args.repeats):
+                    # previous, new, new, previous, previous, new, ...: a drift in time favours neither.
+                    for side in sides if round_ % 2 == 0 else sides[::-1]:
+                        token = tokens[side.role] if on_deep_page else ""
+                        figures = self.measure(f"{label}, {side.role}, run {round_ + 1}", case, side.port, token)
+                        runs[side.role].append(figures)
+                rows.append(ComparedRow(label, runs["previous"], runs["new"]))
+        return rows, sides
 
 
 def _rest_stack_installed() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn", "aiohttp"))
+    return all(
+        importlib.util.find_spec(name)
+        for name in ("fastapi", "uvicorn", "uvloop", "httptools", "aiohttp", "sqlmodel", "psycopg")
+    )
+
+
+def _rest_stack(target: str) -> str:
+    """'uvloop.Loop, httptools': the event loop and HTTP parser the REST baseline says it runs."""
+    with urllib.request.urlopen(f"http://{target}/healthz", timeout=5) as response:
+        answer = json.load(response)
+    return f"{answer.get('loop', '?')}, {answer.get('http', '?')}"
 
 
 def _grpc_serving(target: str) -> bool:
@@ -564,11 +696,102 @@ def render(rows: list[Row], header: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ComparedRow:
+    """One case of --against: each side's runs, in the order they ran."""
+
+    name: str
+    previous: list[Figures]
+    new: list[Figures]
+
+
+def _median(runs: list[Figures], metric: str) -> float:
+    values = [value for value in (getattr(f, metric) for f in runs) if value == value]  # nan: no call completed
+    return statistics.median(values) if values else float("nan")
+
+
+def _quotient(new: float, previous: float) -> str:
+    if not previous or new != new or previous != previous:
+        return "n/a"
+    return f"{new / previous:.2f}"
+
+
+def render_comparison(rows: list[ComparedRow], header: str, footer: list[str]) -> str:
+    lines = [
+        header,
+        "",
+        "| case | ops/s previous | ops/s new | ops/s new ÷ previous (lowest..highest round) "
+        "| p50 ms previous | p50 ms new | p50 new ÷ previous | p99 ms previous | p99 ms new | p99 new ÷ previous "
+        "| errors previous / new |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ops = (_median(row.previous, "ops"), _median(row.new, "ops"))
+        p50 = (_median(row.previous, "p50_ms"), _median(row.new, "p50_ms"))
+        p99 = (_median(row.previous, "p99_ms"), _median(row.new, "p99_ms"))
+        rounds = sorted(n.ops / p.ops for p, n in zip(row.previous, row.new, strict=True) if p.ops)
+        spread = f" ({rounds[0]:.2f}..{rounds[-1]:.2f})" if len(rounds) > 1 else ""
+        errors = f"{sum(f.errors for f in row.previous)} / {sum(f.errors for f in row.new)}"
+        cells = [
+            row.name,
+            f"{ops[0]:,.0f}",
+            f"{ops[1]:,.0f}",
+            _quotient(ops[1], ops[0]) + spread,
+            f"{p50[0]:.1f}",
+            f"{p50[1]:.1f}",
+            _quotient(p50[1], p50[0]),
+            f"{p99[0]:.1f}",
+            f"{p99[1]:.1f}",
+            _quotient(p99[1], p99[0]),
+            errors,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *footer]
+    for row in rows:
+        for role, runs in (("previous", row.previous), ("new", row.new)):
+            first = next((f.first_error for f in runs if f.errors), "")
+            if first:
+                lines.append(f"first error in {row.name}, {role}: {first}")
+    return "\n".join(lines)
+
+
+def settings_differences(previous: Side, new: Side) -> str:
+    """'GRPC_THREADS 8 / (none); pool size 8 / 10': the settings the two servers do not share."""
+
+    def show(settings: dict[str, str | None], name: str) -> str:
+        if name not in settings:
+            return "(no such setting)"
+        value = settings[name]
+        return "unset" if value is None else value
+
+    differences = [
+        f"{name} {show(previous.settings, name)} / {show(new.settings, name)}"
+        for name in sorted(set(previous.settings) | set(new.settings))
+        if previous.settings.get(name, previous) != new.settings.get(name, new)
+    ]
+    if previous.pool_size != new.pool_size:
+        differences.append(f"pool size {previous.pool_size or '?'} / {new.pool_size or '?'}")
+    return "; ".join(differences) or "none"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="adaccounts benchmark (issue 6)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds per case, 5,000 rows (CI)")
-    parser.add_argument("--workers", type=int, help="server processes (default: the number of CPUs, if supported)")
-    parser.add_argument("--threads", type=int, help="the server's GRPC_THREADS (default: its own default)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes (default: the number of CPUs, if supported; 1 with --against)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="the server's GRPC_THREADS, where it has one (default: its own default)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="a server setting, for every server that has it (repeatable), e.g. --set DB_POOL_SIZE=8",
+    )
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight, over all load processes")
     parser.add_argument("--load-processes", type=int, default=2, help="separate load-generator processes")
     # Many connections: each stays with the worker that accepted it, chosen by a kernel hash,
@@ -587,11 +810,37 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SETTING=VALUE",
         help=f"the server setting that turns pre-ping off (default: {PRE_PING_OFF})",
     )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="compare this checkout (new) with git revision REV (previous), built in a worktree and venv "
+        "of its own: both served at once, the same database and settings, new ÷ previous per case",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="with --against: runs of each case per side, alternating (median)"
+    )
+    parser.add_argument(
+        "--cache-build",
+        action="store_true",
+        help="with --against: keep REV's worktree and venv in the temporary directory, keyed by its commit, "
+        "and reuse them next time",
+    )
     args = parser.parse_args(argv)
     if args.in_flight % args.load_processes:
         parser.error("--in-flight must be a multiple of --load-processes")
     if args.load == "h2load" and not h2load_installed():
         parser.error("--load h2load: h2load is not installed (Debian: apt-get install nghttp2-client)")
+    if any("=" not in setting for setting in args.set):
+        parser.error("--set wants SETTING=VALUE")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.cache_build and not args.against:
+        parser.error("--cache-build goes with --against")
+    if args.against:
+        try:
+            revision.resolve(ROOT, args.against)
+        except ValueError as error:
+            parser.error(str(error))
     profile = SMOKE if args.smoke else FULL
 
     # Ctrl-C (even when started in the background, where SIGINT is inherited ignored) and
@@ -603,22 +852,59 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="adaccounts-bench-"))
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         bench = Bench(args, profile, workdir, cleanup)
-        rows = bench.run()
+        if args.against:
+            previous = cleanup.enter_context(
+                revision.built_revision(ROOT, args.against, workdir, args.cache_build, bench.log)
+            )
+            compared, sides = bench.compare(previous)
+            not_passed = {side.role: bench.not_passed(side.tree) for side in sides}
+        else:
+            rows = bench.run()
     drivers = (
         f"h2load ({args.connections * args.load_processes} gRPC connections) for Get, echo and REST GET, "
         f"{args.load_processes} Python load processes for the rest"
         if args.load == "h2load"
         else f"{args.load_processes} Python load processes ({args.connections} gRPC connections each)"
     )
-    header = (
-        f"adaccounts benchmark, {profile.name}: {profile.rows:,} rows; {args.in_flight} calls in flight from "
-        f"{drivers}; "
+    if args.against:
+        drivers = drivers.replace(", echo and REST GET", "")
+    load = (
+        f"{args.in_flight} calls in flight from {drivers}; "
         f"{profile.duration_s:g} s per case after {profile.warmup_s:g} s warm-up; {os.cpu_count()} CPUs; "
         f"took {time.monotonic() - started:.0f} s"
     )
+    deep_page = f"(smoke: List's deep page is page {profile.deep_page:,}, the last one, not 2,000)"
+    if not args.against:
+        header = f"adaccounts benchmark, {profile.name}: {profile.rows:,} rows; {load}"
+        if profile.deep_page != 2000:
+            header += f"\n{deep_page}"
+        print(render(rows, header), flush=True)
+        return 0
+
+    old, new = sides
+    workers = args.workers or 1
+    order = " ".join(("P N" if r % 2 == 0 else "N P") for r in range(args.repeats))
+    header_lines = [
+        f"adaccounts benchmark, {profile.name}, new ÷ previous: {profile.rows:,} rows; {load}",
+        f"new (N): {new.tree.label}, {new.tree.root}, served by {new.tree.python}",
+        f"previous (P): {old.tree.label}, a git worktree and venv of its own",
+        f"both served at once, `adaccounts serve --workers {workers}` each, on the same PostgreSQL with the same "
+        f"settings; each case run {args.repeats} time(s) per side, alternating ({order}); medians below",
+        f"settings that differ (previous / new): {settings_differences(old, new)}",
+    ]
+    header_lines += [
+        f"settings the bench sets that {role} has not, so never saw: {', '.join(names)}"
+        for role, names in not_passed.items()
+        if names
+    ]
     if profile.deep_page != 2000:
-        header += f"\n(smoke: List's deep page is page {profile.deep_page:,}, the last one, not 2,000)"
-    print(render(rows, header), flush=True)
+        header_lines.append(deep_page)
+    footer = [
+        "ops/s: new ÷ previous > 1 is new faster; p50/p99: new ÷ previous < 1 is new answering sooner. "
+        "In brackets: the lowest and highest ops/s ratio of one round's pair of runs (the noise).",
+        f"peak RSS of a server worker: previous {old.rss.peak_worker()}, new {new.rss.peak_worker()}",
+    ]
+    print(render_comparison(compared, "\n".join(header_lines), footer), flush=True)
     return 0
 
 
