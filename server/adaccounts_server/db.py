@@ -580,8 +580,8 @@ async def _exchange(connection: Any, sql: bytes) -> list[Any]:
     socket; a result that is an error is raised as psycopg's exception for its SQLSTATE.
 
     This is what psycopg's cursor does for a query, on its documented libpq layer
-    (`connection.pgconn`) without the cursor: measured with bench/round_trip_cost.py, the cursor
-    costs 2.5x the CPU per round trip on the event loop (~100 us against ~40 us here)."""
+    (`connection.pgconn`) without the cursor: the cursor costs twice the event loop's CPU per
+    round trip (bench/round_trip_cost.py: ~80-100 us against ~40 us on the development machine)."""
     pgconn = connection.pgconn
     pgconn.send_query(sql)
     try:
