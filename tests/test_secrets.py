@@ -80,3 +80,35 @@ def test_no_secret_anywhere(database_url, clean_db, schema):
     for text in seen:
         for secret in SECRETS:
             assert secret not in text, f"a secret leaked into: {text[:300]}"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "postgresql://app@127.0.0.1:{port}/{db}?password={pw}",
+        "postgresql://app:{pw}@127.0.0.1:{port}/{db}",
+        "postgresql://app@127.0.0.1:{port}/{db}?sslmode=disable&password={pw}",
+    ],
+    ids=["query-password", "userinfo-password", "query-password-among-others"],
+)
+def test_no_part_of_a_password_is_logged_whatever_the_url_form(database_url, form, caplog):
+    # Issue 12, row 5: a password given as a query parameter was logged verbatim by `serve`.
+    url = form.format(port=database_url.port, db=database_url.database, pw=PASSWORD)
+    caplog.set_level(logging.DEBUG)
+    running = RunningServer(test_settings(url, LOG_LEVEL="DEBUG"))
+    running.stop()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "database: postgresql" in logged, "the start-up line names the database"
+    assert PASSWORD not in logged
+    assert PASSWORD[:8] not in logged
+
+
+def test_a_password_with_an_unencoded_at_sign_is_refused_without_echoing_it():
+    # Issue 12, row 5: `u:pa@ss@host` was read as host `ss@host` and logged so.
+    from adaccounts_server.config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as refused:
+        load_settings(DATABASE_URL="postgresql://app:pa@ss-part@db.example/app", PAGE_TOKEN_SECRET=PAGE_KEY)
+    message = str(refused.value)
+    assert message.startswith("DATABASE_URL:") and "%40" in message
+    assert "ss-part" not in message and "pa@" not in message

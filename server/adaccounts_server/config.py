@@ -209,6 +209,9 @@ def _check_url(name: str, get_url: Callable[[], URL]) -> None:
         raise ValueError(f"{name}: not a database URL ({type(exc).__name__})") from None
     if url.get_backend_name() not in ("postgresql", "sqlite"):
         raise ValueError(f"{name}: unsupported database {url.get_backend_name()!r} (postgresql or sqlite)")
+    if url.host and "@" in url.host:
+        # `user:pa@ss@host` reads as host `ss@host`: refuse it rather than log part of a password.
+        raise ValueError(f"{name}: more than one '@' in the URL: percent-encode '@' in the user or password as %40")
     if url.drivername not in (POSTGRES_DRIVER, *SQLITE_URL_FORMS):
         raise ValueError(
             f"{name}: driver {url.drivername!r} is not supported: use postgresql:// (psycopg 3) or sqlite://"

@@ -817,6 +817,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# libpq parameters that may be given in a URL's query and must never be shown.
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
+
+
 def safe_url(url: URL) -> str:
-    """The URL for logs: never the password."""
-    return url.render_as_string(hide_password=True)
+    """The URL for logs and output: the password masked, wherever it was given."""
+    hidden = {key: "***" for key in url.query if key.lower() in _SECRET_QUERY_KEYS}
+    return (url.update_query_dict(hidden) if hidden else url).render_as_string(hide_password=True)
