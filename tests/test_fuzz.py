@@ -70,7 +70,7 @@ REQUESTS: dict[str, type[Message]] = {
     "UpdateAdAccount": pb.UpdateAdAccountRequest,
     "DeleteAdAccount": pb.DeleteAdAccountRequest,
 }
-OVERSIZED = "x" * (5 * 1024 * 1024)  # above the default 4 MiB GRPC_MAX_MESSAGE_BYTES
+OVERSIZED = "x" * (5 * 1024 * 1024)  # above any GRPC_MAX_REQUEST_BYTES
 
 # --- the validation rules, as the README states them --------------------------------------------
 
@@ -492,7 +492,7 @@ def returned_accounts(response: Message) -> list[pb.AdAccount]:
 @pytest.fixture
 def fuzz(server, channel, clean_db, database_url) -> Iterator[Fuzz]:  # type: ignore[no-untyped-def]
     """A Fuzz on the session's server, on an empty table; afterwards: SERVING, and every row valid."""
-    checker = Fuzz(channel, server.app.settings.GRPC_MAX_MESSAGE_BYTES)
+    checker = Fuzz(channel, server.app.settings.GRPC_MAX_REQUEST_BYTES)
     yield checker
     checker.assert_serving()
     rows = assert_table_consistent(database_url)

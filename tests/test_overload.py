@@ -21,7 +21,7 @@ pytestmark = pytest.mark.faults
 @pytest.fixture
 def small_server(clean_db, database_url):
     running = RunningServer(
-        test_settings(database_url, DB_POOL_SIZE=2, MAX_CONCURRENT_RPCS=2, GRPC_MAX_MESSAGE_BYTES=64 * 1024)
+        test_settings(database_url, DB_POOL_SIZE=2, MAX_CONCURRENT_RPCS=2, GRPC_MAX_REQUEST_BYTES=64 * 1024)
     )
     with grpc.insecure_channel(running.target) as channel:
         yield running, channel

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 _FINAL_STOP_GRACE_S = 1.0
 # How long calls on a connection past GRPC_MAX_CONNECTION_AGE_S may take to finish.
 _CONNECTION_AGE_GRACE_S = 30.0
+# The plaintext health-only port (GRPC_HEALTH_PORT) reads nothing but small health requests.
+_HEALTH_MAX_MESSAGE_BYTES = 1024
+_HEALTH_MAX_CONCURRENT_STREAMS = 16
 # How long calls cut short at the end of the grace may take to send their UNAVAILABLE.
 _CUT_SHORT_WAIT_S = 1.0
 
@@ -72,7 +75,7 @@ class App:
                 # (gracefully, after GOAWAY) lets clients rebalance over workers and new pods.
                 ("grpc.max_connection_age_ms", round(self.settings.GRPC_MAX_CONNECTION_AGE_S * 1000)),
                 ("grpc.max_connection_age_grace_ms", round(_CONNECTION_AGE_GRACE_S * 1000)),
-                ("grpc.max_receive_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.settings.GRPC_MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
                 # One connection cannot take every worker thread and call slot for itself.
                 ("grpc.max_concurrent_streams", self.settings.GRPC_MAX_CONCURRENT_STREAMS),
@@ -99,7 +102,14 @@ class App:
     def _build_health_server(self) -> grpc.aio.Server:
         """grpc.health.v1 alone, in plaintext: for probes that cannot do TLS. It answers
         from the same statuses as the main port and exposes nothing else."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                # Health requests are a service name: nothing bigger is ever read on this port.
+                ("grpc.max_receive_message_length", _HEALTH_MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", _HEALTH_MAX_CONCURRENT_STREAMS),
+            ]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
         return server
 

@@ -26,8 +26,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
+import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
@@ -46,11 +48,67 @@ DATABASE_BACKED_SERVICES = ("", "readiness", SERVICE_NAME)
 LIVENESS_SERVICE = "liveness"
 # While the schema is right, look again every this many good pings (about a minute at the default interval).
 SCHEMA_RECHECK_PINGS = 60
+# Health requests are tiny: a service name is a few dozen bytes. Watch streams are long-lived,
+# so each open one holds memory until its caller closes it: few per connection, few in all.
+MAX_SERVICE_NAME_BYTES = 256
+MAX_WATCHES_PER_CONNECTION = 8
+MAX_WATCHES = 256
+
+
+class HealthServicer(health_aio.HealthServicer):
+    """gRPC's asyncio health servicer, bounded against hostile callers (health needs no token).
+
+    A service name longer than MAX_SERVICE_NAME_BYTES is INVALID_ARGUMENT; a Watch beyond
+    MAX_WATCHES_PER_CONNECTION on one connection, or MAX_WATCHES in all, is RESOURCE_EXHAUSTED;
+    a Watch of a service this server does not report gets SERVICE_UNKNOWN and is held open
+    without being remembered by name (gRPC's servicer keeps a condition per watched name).
+    """
+
+    def __init__(self, known: frozenset[str]) -> None:
+        super().__init__()
+        self._known = known
+        self._watches: Counter[str] = Counter()  # open Watch streams per connection (peer)
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        await _refuse_long_names(request, context)
+        return await super().Check(request, context)  # type: ignore[func-returns-value,no-any-return]
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await _refuse_long_names(request, context)
+        peer = context.peer()
+        if self._watches[peer] >= MAX_WATCHES_PER_CONNECTION or self._watches.total() >= MAX_WATCHES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health Watch streams open (at most {MAX_WATCHES_PER_CONNECTION} per connection, "
+                f"{MAX_WATCHES} in all); close some, or use Check",
+            )
+        self._watches[peer] += 1
+        try:
+            if request.service in self._known:
+                await super().Watch(request, context)
+            else:
+                await context.write(
+                    health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                )
+                await asyncio.Event().wait()  # until the caller closes the stream or the server stops
+        finally:
+            self._watches[peer] -= 1
+            if not self._watches[peer]:
+                del self._watches[peer]
+
+
+async def _refuse_long_names(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+    if len(request.service.encode()) > MAX_SERVICE_NAME_BYTES:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"service: at most {MAX_SERVICE_NAME_BYTES} bytes (a service name)"
+        )
 
 
 class DatabaseMonitor:
     def __init__(self, database: Database, interval: float, timeout: float) -> None:
-        self.servicer = health_aio.HealthServicer()
+        self.servicer = HealthServicer(frozenset((*DATABASE_BACKED_SERVICES, LIVENESS_SERVICE)))
         self._database = database
         self._interval = interval
         self._timeout = timeout
