@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -219,3 +220,43 @@ def test_serve_writes_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path):
     assert {"method", "code", "duration_ms", "peer", "caller", "request_id"} <= rpc.keys()
     assert (rpc["method"], rpc["code"], rpc["request_id"]) == (GET, "NOT_FOUND", "cli-1")
     assert time.strptime(rpc["time"][:19], "%Y-%m-%dT%H:%M:%S")
+
+
+class _StalledStream(io.StringIO):
+    """stderr whose reader has stopped: write() blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait(30)
+        return super().write(text)
+
+
+def test_a_stalled_log_reader_costs_bounded_memory_and_never_blocks_a_caller():
+    # Issue 12, row 8: with stderr's reader stalled, every call's line queued up without bound.
+    stream = _StalledStream()
+    handoff = logs._Handoff(stream, logs.JsonFormatter())
+    logger = logging.getLogger("adaccounts_server.test_stalled_log")
+    logger.addHandler(handoff)
+    logger.propagate = False
+    dropped_before = logs.dropped_lines()
+    try:
+        started = time.monotonic()
+        for i in range(logs.QUEUE_MAX * 3):
+            logger.warning("call %d", i)
+        took = time.monotonic() - started
+        # Held at most: the queue, and the one batch the writer is stuck writing.
+        assert handoff._queue.qsize() <= logs.QUEUE_MAX + 1
+        dropped = logs.dropped_lines() - dropped_before
+        assert dropped >= logs.QUEUE_MAX * 3 - logs.QUEUE_MAX - logs._BATCH_MAX - 1
+        assert took < 10, f"logging {logs.QUEUE_MAX * 3} lines took {took:.1f} s: it waited on the stalled stream"
+    finally:
+        stream.release.set()
+        handoff.close()
+        logger.removeHandler(handoff)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warnings = [line for line in lines if "log lines were dropped" in line["message"]]
+    assert len(warnings) == 1 and warnings[0]["level"] == "WARNING", warnings
+    assert warnings[0]["message"].startswith(f"{dropped} log lines were dropped")

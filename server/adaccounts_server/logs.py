@@ -112,6 +112,11 @@ class _Handoff(logging.Handler):
     variable); the message and any traceback become text here too, so the record no
     longer holds arguments that may change or frames that keep objects alive.
     close() (logging.shutdown(), at exit) writes what is still queued.
+
+    The queue is bounded (QUEUE_MAX records, besides the batch being written): when stderr is not read (a stalled log
+    shipper, a full pipe), records past it are dropped and counted rather than kept, so
+    memory stays flat and no call ever waits on logging; once the writer catches up it
+    says how many it dropped, in one WARNING line.
     """
 
     _STOP = None
@@ -122,10 +127,15 @@ class _Handoff(logging.Handler):
         self._stream = stream
         self._formatter = formatter
         self._queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._dropped_reported = _dropped
         self._writer = threading.Thread(target=self._write_batches, name="log-writer", daemon=True)
         self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._queue.qsize() >= QUEUE_MAX:
+            global _dropped
+            _dropped += 1  # only ever written here and read elsewhere: a lost update is one line miscounted
+            return
         try:
             record.msg = record.getMessage()
             record.args = None
@@ -153,6 +163,8 @@ class _Handoff(logging.Handler):
                     lines.append(self._formatter.format(record) + "\n")
                 except Exception:
                     self.handleError(record)  # one bad record must not stop the writer
+            if _dropped > self._dropped_reported and self._queue.empty():
+                lines.append(self._formatter.format(self._drops_line()) + "\n")
             try:
                 self._stream.write("".join(lines))
                 self._stream.flush()
@@ -160,6 +172,19 @@ class _Handoff(logging.Handler):
                 pass
             if stop:
                 return
+
+    def _drops_line(self) -> logging.LogRecord:
+        """The WARNING that says how many lines were dropped since the last one said so."""
+        dropped, self._dropped_reported = _dropped - self._dropped_reported, _dropped
+        return logging.LogRecord(
+            __name__,
+            logging.WARNING,
+            __file__,
+            0,
+            f"{dropped} log lines were dropped: the log output was not being read fast enough",
+            None,
+            None,
+        )
 
     def close(self) -> None:
         if self._writer.is_alive():
@@ -169,9 +194,17 @@ class _Handoff(logging.Handler):
 
 
 _TRACEBACKS = logging.Formatter()
+# Records waiting for the writer, at most (~1-2 KB each).
+QUEUE_MAX = 10_000
+_dropped = 0  # records dropped because the queue was full, since the process started
 _BATCH_MAX = 10_000
 _GATHER_S = 0.05
 _CLOSE_WAIT_S = 5.0
+
+
+def dropped_lines() -> int:
+    """Log records dropped so far because the log output was not being read."""
+    return _dropped
 
 
 def configure(level: str, log_format: str = "auto", stream: TextIO | None = None) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from . import logs
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class Metrics:
 
     # --- read at scrape time -----------------------------------------------------------------
 
-    def watch(self, collect: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+    def watch(self, collect: Callable[[], Iterator[Any]]) -> None:
         """Register gauges computed at each scrape."""
         self.registry.register(_Callback(collect))
 
@@ -124,9 +126,14 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> Iterator[GaugeMetricFamily]:
+def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> Iterator[Any]:
     """The pool's and the health monitor's state as it is now."""
     yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", database.pool_size)
     yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", database.checked_out())
     yield gauge("adaccounts_health_serving", "1 while readiness is SERVING, else 0.", 1 if serving() else 0)
     yield gauge("adaccounts_max_concurrent_rpcs", "Calls in progress past which calls are shed.", max_rpcs)
+    yield CounterMetricFamily(
+        "adaccounts_log_lines_dropped",
+        "Log lines dropped because the log output was not read fast enough.",
+        value=logs.dropped_lines(),
+    )
