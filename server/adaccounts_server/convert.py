@@ -1,8 +1,8 @@
 """Protobuf messages to validated values and rows back to protobuf.
 
-Every check on caller input lives here, so the repository only ever sees
-values that are already well formed; each failure names the offending field
-in a google.rpc.BadRequest field violation.
+Every check on caller input lives here (but a page token's, in page_tokens), so
+the repository only ever sees values that are already well formed; each failure
+names the offending field in a google.rpc.BadRequest field violation.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import uuid
 import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 from adaccounts.v1 import ad_accounts_pb2 as pb
@@ -23,7 +24,22 @@ from .errors import FieldViolation, InvalidArgument
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
-_TIME_ZONES = frozenset(zoneinfo.available_timezones())
+
+
+def _iana_time_zones() -> frozenset[str]:
+    """Every zone and link name of the IANA tz database, as listed by the tzdata package (a
+    dependency, so every replica accepts the same names whatever its host has), less
+    "Factory": a placeholder zone ("-00"), not a place. zoneinfo.available_timezones() is not
+    that list: it also walks the host's zoneinfo directory, where "localtime" is a link to
+    the host's own zone."""
+    try:
+        names = frozenset(resources.files("tzdata").joinpath("zones").read_text(encoding="utf-8").split())
+    except (ModuleNotFoundError, OSError):  # no tzdata package: the host's files, less what is not IANA's
+        names = frozenset(zoneinfo.available_timezones()) - {"localtime", "posixrules"}
+    return names - {"Factory"}
+
+
+_TIME_ZONES = _iana_time_zones()
 
 MUTABLE_FIELDS = ("name", "currency_code", "time_zone", "status")
 IMMUTABLE_FIELDS = ("owner_id", "platform", "external_id")
@@ -86,15 +102,44 @@ def _uuid(value: str, field: str, violations: Violations, *, required: bool) -> 
     return uuid.UUID(value)
 
 
+# Unicode's Bidi_Control characters: invisible, they make text display in another order than
+# it is stored ("Trojan Source"), so a name could show as something it is not.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Assigned Default_Ignorable_Code_Points outside category Cf (format): they too render as
+# nothing (combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian free
+# variation selectors, variation selectors).
+_INVISIBLE = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
 def _name(value: str, field: str, violations: Violations) -> str | None:
     if not value:
         violations.add(field, "required")
     elif len(value) > models.NAME_MAX:
         violations.add(field, f"must be at most {models.NAME_MAX} characters (got {len(value)})")
-    elif any(unicodedata.category(c) == "Cc" for c in value):
-        violations.add(field, "must not contain control characters")
+    elif problem := _name_problem(value):
+        violations.add(field, problem)
     else:
         return value
+    return None
+
+
+def _name_problem(value: str) -> str | None:
+    """What is wrong with a name of the right length, if anything."""
+    categories = [unicodedata.category(c) for c in value]
+    if "Cc" in categories:
+        return "must not contain control characters"
+    if "Zl" in categories or "Zp" in categories:
+        return "must not contain line or paragraph separators (U+2028, U+2029)"
+    if not _BIDI_CONTROLS.isdisjoint(value):
+        return "must not contain bidirectional controls (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C)"
+    if "Cn" in categories:
+        return f"must not contain unassigned code points (Unicode {unicodedata.unidata_version})"
+    if all(c.isspace() or category == "Cf" or c in _INVISIBLE for c, category in zip(value, categories, strict=True)):
+        return "must contain a visible character, not only spaces or invisible characters"
     return None
 
 
@@ -215,7 +260,11 @@ def parse_update(request: pb.UpdateAdAccountRequest) -> Update:
         paths = list(MUTABLE_FIELDS)
 
     changes: dict[str, object] = {}
-    for index, path in enumerate(dict.fromkeys(paths)):
+    seen: set[str] = set()
+    for index, path in enumerate(paths):  # index: where the caller put it, repeats counted
+        if path in seen:
+            continue  # a repeated path is checked once
+        seen.add(path)
         where = f"ad_account.{path}"
         if path == "name":
             changes[path] = _name(account.name, where, violations)
@@ -274,6 +323,11 @@ class ListFilters:
                 self.order_by,
             ]
         )
+
+    @property
+    def sorts_by_name(self) -> bool:
+        """Whether the sort key is the name; else it is a time (create_time or update_time)."""
+        return self.order_by.split()[0] == "name"
 
 
 ORDERS = ("create_time", "create_time desc", "update_time desc", "name", "name desc")

@@ -5,6 +5,12 @@ signed with HMAC-SHA256 under PAGE_TOKEN_SECRET over the position *and* the
 request's filter fingerprint, so a token that was altered, or is replayed with
 other filters or another order, fails verification. Every replica shares the
 secret, so any of them accepts a token another minted.
+
+A signature proves who made a token, not that its content is sound: the
+development secret is public, and a leaked one is a secret no more. So what a
+token holds is decoded like any caller input, into a position typed for the
+order (an aware datetime or a name, and a UUID), or INVALID_ARGUMENT; the
+repository only ever sees a valid position.
 """
 
 from __future__ import annotations
@@ -13,48 +19,113 @@ import base64
 import hashlib
 import hmac
 import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
+from . import models
+from .convert import ListFilters
 from .errors import InvalidArgument
 
-# A position: the sort key of the last row returned (microseconds since the
-# epoch for time orders, the name for name orders) and that row's id.
-Position = tuple[int | str, str]
+
+class Position(NamedTuple):
+    """Where a page ends: the sort key of its last row (an aware UTC datetime for time
+    orders, the name for name orders) and that row's id."""
+
+    key: datetime | str
+    id: uuid.UUID
+
 
 _MAC_BYTES = 16
 _MAX_TOKEN_LENGTH = 2048
 _VERSION = 1
+# On the wire a time key is microseconds since the epoch; any datetime Python can hold is one.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_MIN_MICROS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+_MAX_MICROS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+
+
+class _Invalid(Exception):
+    """The token is not one this server would have minted for the call."""
 
 
 class PageTokens:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def mint(self, fingerprint: str, position: Position) -> str:
-        payload = json.dumps([_VERSION, *position], separators=(",", ":"), ensure_ascii=False).encode()
-        return f"{_b64encode(payload)}.{_b64encode(self._mac(fingerprint, payload))}"
+    def mint(self, filters: ListFilters, position: Position) -> str:
+        payload = json.dumps(
+            [_VERSION, _encode_key(position.key), str(position.id)], separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        return f"{_b64encode(payload)}.{_b64encode(self._mac(filters.fingerprint(), payload))}"
 
-    def read(self, token: str, fingerprint: str) -> Position:
-        """The position a token carries; INVALID_ARGUMENT if it was not minted for these filters."""
+    def read(self, token: str, filters: ListFilters) -> Position:
+        """The position a token carries; INVALID_ARGUMENT if it was not minted for these
+        filters, or does not hold a valid position for their order, signed or not."""
         try:
             if len(token) > _MAX_TOKEN_LENGTH:
-                raise ValueError("too long")
+                raise _Invalid("too long")
             encoded_payload, encoded_mac = token.split(".")
             payload = _b64decode(encoded_payload)
-            if not hmac.compare_digest(_b64decode(encoded_mac), self._mac(fingerprint, payload)):
-                raise ValueError("bad signature")
-            version, key, row_id = json.loads(payload)
-            if version != _VERSION or not isinstance(key, int | str) or not isinstance(row_id, str):
-                raise ValueError("bad payload")
-        except ValueError:
+            if not hmac.compare_digest(_b64decode(encoded_mac), self._mac(filters.fingerprint(), payload)):
+                raise _Invalid("bad signature")
+            return _position(payload, by_name=filters.sorts_by_name)
+        except (_Invalid, ValueError, RecursionError):
+            # ValueError: not base64, not UTF-8, not JSON; RecursionError: JSON nested too deep.
             raise InvalidArgument.field(
                 "page_token",
                 "invalid page token: it was altered, or belongs to a call with other filters or order_by",
             ) from None
-        return key, row_id
 
     def _mac(self, fingerprint: str, payload: bytes) -> bytes:
         message = fingerprint.encode() + b"\0" + payload
         return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def _encode_key(key: datetime | str) -> int | str:
+    if isinstance(key, datetime):
+        return (key - _EPOCH) // _MICROSECOND
+    return key
+
+
+def _position(payload: bytes, *, by_name: bool) -> Position:
+    """The position in a token's payload, `[version, key, id]`, checked value by value."""
+    content = json.loads(payload.decode())
+    if not isinstance(content, list) or len(content) != 3:
+        raise _Invalid("not [version, key, id]")
+    version, key, row_id = content
+    if type(version) is not int or version != _VERSION:
+        raise _Invalid("unknown version")
+    if not isinstance(row_id, str) or not _is_canonical_uuid(row_id):
+        raise _Invalid("id is not a canonical UUID")
+    if by_name:
+        # Any text a name column could hold: PostgreSQL text has no NUL, and a lone surrogate
+        # (JSON "\ud800") is no text at all. Today's name rules are not applied: a walk over
+        # rows stored under older rules must still resume.
+        if not isinstance(key, str) or len(key) > models.NAME_MAX or "\0" in key or not _encodable(key):
+            raise _Invalid("name key is not a name")
+        return Position(key, uuid.UUID(row_id))
+    # type(): a bool is an int, and a float is not one; the range is what a datetime holds.
+    if type(key) is not int or not _MIN_MICROS <= key <= _MAX_MICROS:
+        raise _Invalid("time key is not a time")
+    return Position(_EPOCH + key * _MICROSECOND, uuid.UUID(row_id))
+
+
+def _is_canonical_uuid(text: str) -> bool:
+    """The form the server mints: lowercase, hyphenated."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _b64encode(data: bytes) -> str:

@@ -123,8 +123,9 @@ class AdAccountRepository:
         if filters.statuses:
             parameters["statuses"] = list(filters.statuses)
         if after is not None:
-            parameters["after_key"] = _key_from_token(key_column, after[0])
-            parameters["after_id"] = _id_from_token(after[1])
+            # Decoded and checked for this order by page_tokens: an aware datetime or a name, a UUID.
+            parameters["after_key"] = after.key
+            parameters["after_id"] = after.id
         query = _list_statement(
             filters.order_by,
             "owner_id" in parameters,
@@ -136,7 +137,8 @@ class AdAccountRepository:
         if len(rows) <= page_size:
             return rows, None
         rows = rows[:page_size]
-        return rows, (_key_for_token(getattr(rows[-1], key_column.name)), str(rows[-1].id))
+        last_key = getattr(rows[-1], key_column.name)
+        return rows, Position(as_utc(last_key) if isinstance(last_key, datetime) else last_key, rows[-1].id)
 
     async def create(self, new: NewAccount, request_id: uuid.UUID | None, scope: CallScope) -> Row:
         """Insert the account; with a request_id already used, return what that request created."""
@@ -216,27 +218,3 @@ async def _locked(transaction: Transaction, account_id: uuid.UUID, etag: str) ->
 def _now() -> datetime:
     # Microsecond precision: what PostgreSQL stores, so what we return is what we keep.
     return datetime.now(UTC)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _key_for_token(value: object) -> int | str:
-    if isinstance(value, datetime):
-        return (as_utc(value) - _EPOCH) // timedelta(microseconds=1)
-    return str(value)
-
-
-def _key_from_token(column: sa.Column, value: int | str) -> object:
-    """The sort key a token carries, as the column's type; ValueError if it is not one."""
-    if isinstance(column.type, sa.DateTime):
-        if not isinstance(value, int):
-            raise ValueError("time key expected")
-        return _EPOCH + timedelta(microseconds=value)
-    if not isinstance(value, str):
-        raise ValueError("text key expected")
-    return value
-
-
-def _id_from_token(value: str) -> uuid.UUID:
-    return uuid.UUID(value)

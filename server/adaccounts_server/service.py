@@ -80,12 +80,11 @@ class AdAccountService:
 
     async def _list(self, request: pb.ListAdAccountsRequest, scope: CallScope) -> pb.ListAdAccountsResponse:
         filters, page_size = convert.parse_list(request)
-        fingerprint = filters.fingerprint()
-        after = self._page_tokens.read(request.page_token, fingerprint) if request.page_token else None
+        after = self._page_tokens.read(request.page_token, filters) if request.page_token else None
         rows, last = await self._repository.list(filters, page_size, after, scope)
         return pb.ListAdAccountsResponse(
             ad_accounts=[convert.to_proto(row) for row in rows],
-            next_page_token=self._page_tokens.mint(fingerprint, last) if last else "",
+            next_page_token=self._page_tokens.mint(filters, last) if last else "",
         )
 
     async def _create(self, request: pb.CreateAdAccountRequest, scope: CallScope) -> pb.AdAccount:
