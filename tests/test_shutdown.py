@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -333,3 +334,52 @@ def test_sigterm_exits_after_the_grace_period_while_the_database_is_stalled(pg, 
 def _server_connections(cursor) -> int:  # type: ignore[no-untyped-def]
     cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'adaccounts'")
     return cursor.fetchone()[0]
+
+
+@pytest.mark.faults
+def test_writes_answered_unavailable_at_the_end_of_the_grace_are_never_applied(pg, client_for, lock_row):
+    # Issue 12, row 3: Updates waiting on a row lock when the grace ran out were answered
+    # UNAVAILABLE, yet some were applied once the lock went (their cancel requests had been
+    # dropped with the executor's queue). Twenty shutdowns, the lock released just after the
+    # grace: every write the server answered UNAVAILABLE must be absent from the row.
+    grace, writers = 0.5, 5
+    outcomes: Counter[str] = Counter()
+    for run in range(20):
+        server = RunningServer(test_settings(pg.url, SHUTDOWN_GRACE_S=grace))
+        stopping = None
+        try:
+            client = client_for(server.target)
+            wait_until(lambda c=client: c.status() == SERVING, 10, message="SERVING")
+            account = client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+            lock = lock_row(account.id)
+            updates = [rename(client, account, f"late {run}.{i}") for i in range(writers)]
+            wait_until(
+                lambda held=lock: held.server_calls_waiting() == writers, 10, message="the updates to wait on the lock"
+            )
+            stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+            time.sleep(grace + 0.05)
+            lock.release()
+            codes = []
+            for update in updates:
+                try:
+                    update.result(timeout=30)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+        finally:
+            if stopping is None:
+                server.stop()
+            else:
+                stopping.result(timeout=30)
+                server._loop.call_soon_threadsafe(server._loop.stop)
+                server._thread.join(10)
+                server._loop.close()
+        with psycopg.connect(pg.dsn, autocommit=True) as connection:
+            (version,) = connection.execute("SELECT version FROM ad_accounts WHERE id = %s", [account.id]).fetchone()
+        applied = version - 1
+        outcomes.update(code.name for code in codes)
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+        assert applied == codes.count(grpc.StatusCode.OK), (
+            f"run {run}: {applied} updates applied, {codes.count(grpc.StatusCode.OK)} answered OK: {codes}"
+        )
+    print(f"\n[shutdown writes] 20 runs x {writers} updates: {dict(outcomes)}")
