@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _FINAL_STOP_GRACE_S = 1.0
 # How long calls on a connection past GRPC_MAX_CONNECTION_AGE_S may take to finish.
 _CONNECTION_AGE_GRACE_S = 30.0
+_KEEPALIVE_TIME_MS = 60_000
+_KEEPALIVE_TIMEOUT_MS = 20_000
 # The plaintext health-only port (GRPC_HEALTH_PORT) reads nothing but small health requests.
 _HEALTH_MAX_MESSAGE_BYTES = 1024
 _HEALTH_MAX_CONCURRENT_STREAMS = 16
@@ -77,8 +79,13 @@ class App:
                 ("grpc.max_connection_age_grace_ms", round(_CONNECTION_AGE_GRACE_S * 1000)),
                 ("grpc.max_receive_message_length", self.settings.GRPC_MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
-                # One connection cannot take every worker thread and call slot for itself.
+                # One connection cannot take every call slot for itself.
                 ("grpc.max_concurrent_streams", self.settings.GRPC_MAX_CONCURRENT_STREAMS),
+                # Notice a caller that vanished (host down, process stopped) and release what its
+                # calls hold, unsent responses included: a ping every minute, 20 s to answer it.
+                ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         guard = CallGuard(

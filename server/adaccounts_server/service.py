@@ -34,6 +34,9 @@ class AdAccountService:
         self._draining = False
         self._cutting_short = False
         self._calls: set[asyncio.Task[Any]] = set()  # the calls in progress: their handlers' tasks
+        # Calls admitted and not yet ended: in progress, or answered with a response not yet
+        # written to the caller (one that stops reading would otherwise pin them in memory).
+        self._unfinished = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -113,13 +116,15 @@ class AdAccountService:
         COMMIT was not yet sent is rolled back (db)."""
         if self._draining:
             await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
-        if len(self._calls) >= self._max_in_flight:
+        if self._unfinished >= self._max_in_flight:
             # Shed at once: queueing would only make every caller late.
             await errors.answer(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is overloaded ({len(self._calls)} calls in progress); retry with backoff",
+                f"the server is overloaded ({self._unfinished} calls in progress); retry with backoff",
             )
+        self._unfinished += 1
+        context.add_done_callback(self._ended)
         self._idle.clear()
         task = asyncio.current_task()
         assert task is not None  # a handler always runs in a task of its own
@@ -145,6 +150,15 @@ class AdAccountService:
             self._calls.discard(task)
             if not self._calls:
                 self._idle.set()
+
+    def _ended(self, _context: Any) -> None:
+        """gRPC's callback when a call has ended: its status sent (after its response), or the call gone."""
+        self._unfinished -= 1
+
+    @property
+    def unfinished(self) -> int:
+        """Calls admitted and not yet ended, responses not yet written included."""
+        return self._unfinished
 
     def start_draining(self) -> None:
         """From now on new calls get UNAVAILABLE; calls already in progress carry on."""

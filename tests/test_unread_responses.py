@@ -1,0 +1,166 @@
+"""A caller that stops reading its responses cannot pin the server's memory: a call counts
+against MAX_CONCURRENT_RPCS until its response is written, and what it held is released when
+the caller goes away (issue 12, row 6). Server and caller run as processes of their own so
+that the server's memory can be measured and the caller stopped and killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import psutil
+import psycopg
+import pytest
+from conftest import PAGE_TOKEN_SECRET, RunningServer, test_settings, without_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pg_instance import free_port, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import URL
+
+pytestmark = pytest.mark.faults
+
+ROWS = 1000  # a List(1000) response is ~150 KB
+CONNECTIONS, CALLS = 10, 100
+# What a stalled caller may make the server hold (allocator's arenas included: freed memory is
+# kept for reuse), and what a second one may add to that.
+HELD_BOUND_MB, GROWTH_BOUND_MB = 150, 25
+
+CALLER = textwrap.dedent(
+    """
+    import sys, time, grpc
+    from adaccounts.v1 import ad_accounts_pb2 as pb, ad_accounts_pb2_grpc as pb_grpc
+    target, connections, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(target, options=options) for _ in range(connections)]
+    futures = [
+        pb_grpc.AdAccountServiceStub(channel).ListAdAccounts.future(pb.ListAdAccountsRequest(page_size=1000))
+        for channel in channels
+        for _ in range(calls)
+    ]
+    print("sent", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.fixture
+def served(database_url: URL, clean_db: None) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
+    with psycopg.connect(database_url.set(drivername="postgresql").render_as_string(False), autocommit=True) as db:
+        db.execute(
+            "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
+            " status, create_time, update_time, version)"
+            " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'unread_' || i, 'Account name ' || i, 'EUR',"
+            " 'Europe/Paris', 'ACTIVE', now(), now(), 1 FROM generate_series(1, %s) AS i",
+            [ROWS],
+        )
+    port, metrics_port = free_port(), free_port()
+    env = without_settings(dict(os.environ)) | {
+        "DATABASE_URL": database_url.render_as_string(hide_password=False),
+        "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": str(port),
+        "LOG_LEVEL": "ERROR",
+        "METRICS_PORT": str(metrics_port),
+    }
+    server = subprocess.Popen([sys.executable, "-m", "adaccounts_server.cli", "serve"], env=env)
+    target = f"127.0.0.1:{port}"
+
+    def serving() -> bool:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    wait_until(serving, 20, message="SERVING")
+    yield server, target, metrics_port
+    server.terminate()
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def rss_mb(process: subprocess.Popen[bytes]) -> float:
+    return psutil.Process(process.pid).memory_info().rss / 2**20
+
+
+def stalled_caller(target: str) -> None:
+    """A caller that sends its calls, stops reading (SIGSTOP) for a while, then dies."""
+    caller = subprocess.Popen(
+        [sys.executable, "-c", CALLER, target, str(CONNECTIONS), str(CALLS)], stdout=subprocess.PIPE
+    )
+    try:
+        assert caller.stdout is not None and caller.stdout.readline().strip() == b"sent"
+        time.sleep(0.3)
+        caller.send_signal(signal.SIGSTOP)  # it reads nothing more
+        time.sleep(3.0)  # the server answers what it admitted, into buffers nobody reads
+    finally:
+        caller.kill()
+        caller.wait()
+
+
+def calls_in_flight(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "adaccounts_rpcs_in_flight"
+    )
+
+
+def test_a_caller_that_stops_reading_holds_bounded_memory_released_when_it_goes(served):
+    server, target, metrics_port = served
+    before = rss_mb(server)
+    stalled_caller(target)
+    wait_until(lambda: calls_in_flight(metrics_port) == 0, 10, message="the dead caller's calls to end")
+    first = rss_mb(server) - before
+    stalled_caller(target)
+    wait_until(lambda: calls_in_flight(metrics_port) == 0, 10, message="the dead caller's calls to end")
+    second = rss_mb(server) - before
+    print(f"\n[unread responses] server RSS +{first:.0f} MB after one stalled caller, +{second:.0f} MB after two")
+    # Bounded, and reused rather than kept per caller: a second stalled caller adds (nearly) nothing.
+    assert first < HELD_BOUND_MB
+    assert second - first < GROWTH_BOUND_MB
+    with grpc.insecure_channel(target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_call_counts_against_the_limit_until_its_response_is_written(database_url, clean_db):
+    running = RunningServer(test_settings(database_url, MAX_CONCURRENT_RPCS=8))
+    try:
+        with psycopg.connect(database_url.set(drivername="postgresql").render_as_string(False), autocommit=True) as db:
+            db.execute(
+                "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
+                " status, create_time, update_time, version)"
+                " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'unread_' || i, 'Account name ' || i,"
+                " 'EUR', 'Europe/Paris', 'ACTIVE', now(), now(), 1 FROM generate_series(1, %s) AS i",
+                [ROWS],
+            )
+        caller = subprocess.Popen([sys.executable, "-c", CALLER, running.target, "1", "60"], stdout=subprocess.PIPE)
+        try:
+            assert caller.stdout is not None and caller.stdout.readline().strip() == b"sent"
+            caller.send_signal(signal.SIGSTOP)
+            service = running.app.service
+            # Answered (no handler runs any more) but not written: they still hold their places.
+            wait_until(lambda: service.in_flight == 0 and service.unfinished == 8, 10, message="8 unsent answers")
+            time.sleep(0.5)
+            assert service.unfinished == 8
+        finally:
+            caller.kill()
+            caller.wait()
+        wait_until(lambda: running.app.service.unfinished == 0, 10, message="the dead caller's calls to end")
+    finally:
+        running.stop()
