@@ -7,10 +7,16 @@ GetAdAccount's read is awaited on the event loop without a worker thread (loop_p
 GetAdAccount ÷ this is how much of the cost of a call is the database path rather than
 gRPC itself.
 
-    python bench/echo_server.py --port P [--workers N]
+    python bench/echo_server.py --port P [--workers N] [--handlers registered|generic]
 
 With --workers N it runs N processes sharing the port (SO_REUSEPORT), like `adaccounts
 serve --workers N`, so the comparison is with the same number of processes.
+
+--handlers says how the echo method is registered: `registered` (the default), through
+`server.add_registered_method_handlers`, as the real server registers AdAccountService; or
+`generic`, through `server.add_generic_rpc_handlers`, the path grpcio 1.85 serves with an
+extra asyncio.Task and two more event-loop hops per call (grpc/grpc#41796).
+bench/handler_registration.py measures one against the other.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from adaccounts_server.config import load_settings
 from google.protobuf import timestamp_pb2
 
 SERVICE = "adaccounts.bench.Echo"
+HANDLERS = ("registered", "generic")
 
 # What GetAdAccount returns for a seeded row, so that the bytes on the wire match.
 ANSWER = pb.AdAccount(
@@ -43,11 +50,11 @@ ANSWER = pb.AdAccount(
 )
 
 
-async def serve(port: int, reuse_port: bool) -> None:
+async def serve(port: int, reuse_port: bool, handlers: str = "registered") -> None:
     settings = load_settings()
     options = [
         ("grpc.so_reuseport", int(reuse_port)),
-        ("grpc.max_receive_message_length", settings.GRPC_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", settings.GRPC_MAX_REQUEST_BYTES),
         ("grpc.max_send_message_length", settings.GRPC_MAX_MESSAGE_BYTES),
     ]
     streams = getattr(settings, "GRPC_MAX_CONCURRENT_STREAMS", None)
@@ -61,7 +68,12 @@ async def serve(port: int, reuse_port: bool) -> None:
     handler = grpc.unary_unary_rpc_method_handler(
         echo, request_deserializer=pb.GetAdAccountRequest.FromString, response_serializer=pb.AdAccount.SerializeToString
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Echo": handler}),))
+    if handlers == "registered":
+        server.add_registered_method_handlers(SERVICE, {"Echo": handler})
+    elif handlers == "generic":
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Echo": handler}),))
+    else:
+        raise ValueError(f"handlers: {handlers!r}, not one of {HANDLERS}")
     server.add_insecure_port(f"{settings.GRPC_HOST}:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -71,21 +83,27 @@ async def serve(port: int, reuse_port: bool) -> None:
     await server.stop(0)
 
 
-def _worker(port: int) -> None:
-    asyncio.run(serve(port, reuse_port=True))
+def _worker(port: int, handlers: str) -> None:
+    asyncio.run(serve(port, reuse_port=True, handlers=handlers))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--handlers",
+        choices=HANDLERS,
+        default="registered",
+        help="register the echo method through add_registered_method_handlers (default) or add_generic_rpc_handlers",
+    )
     args = parser.parse_args()
     if args.workers == 1:
-        asyncio.run(serve(args.port, reuse_port=False))
+        asyncio.run(serve(args.port, reuse_port=False, handlers=args.handlers))
         return
     # The supervisor only waits: SIGTERM is forwarded to the workers, which stop on it.
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(args.port,)) for _ in range(args.workers)]
+    workers = [context.Process(target=_worker, args=(args.port, args.handlers)) for _ in range(args.workers)]
     for worker in workers:
         worker.start()
 
