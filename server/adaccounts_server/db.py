@@ -260,12 +260,8 @@ class PostgresDatabase(Database):
         self._connect_timeout = settings.DB_CONNECT_TIMEOUT
         self._conninfo_kwargs = libpq_parameters(settings.database_url, settings.DB_CONNECT_TIMEOUT)
         self._pool = AsyncConnectionPool(
-            kwargs={
-                **self._conninfo_kwargs,
-                "autocommit": True,
-                "cursor_factory": psycopg.AsyncClientCursor,
-                "prepare_threshold": None,
-            },
+            # Autocommit: a lone read needs no transaction; writes send their own BEGIN (below).
+            kwargs={**self._conninfo_kwargs, "autocommit": True},
             min_size=settings.DB_POOL_SIZE,
             max_size=settings.DB_POOL_SIZE,
             timeout=settings.DB_POOL_TIMEOUT,
@@ -314,7 +310,7 @@ class PostgresDatabase(Database):
         if time.monotonic() - self._idle_since.get(connection, 0.0) < self._ping_idle_s:
             return
         async with asyncio.timeout(self._connect_timeout):
-            await connection.execute("SELECT 1")
+            await _exchange(connection, b"SELECT 1")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
@@ -386,10 +382,10 @@ class PostgresDatabase(Database):
             budget = self.max_statement_s if remaining is None else min(remaining, self.max_statement_s)
             try:
                 async with asyncio.timeout(budget), self._connection() as connection:
-                    cursor = await connection.execute("SELECT txid_status(%s)", [xid])
-                    row = await cursor.fetchone()
-                if row and row[0] in ("committed", "aborted"):
-                    return str(row[0])
+                    (result,) = await _exchange(connection, b"SELECT txid_status(%d)" % xid)
+                status = (result.get_value(0, 0) or b"").decode()
+                if status in ("committed", "aborted"):
+                    return status
             except TimeoutError:
                 return None
             except (DatabaseError, psycopg.Error) as error:
