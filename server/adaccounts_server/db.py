@@ -583,22 +583,28 @@ async def _exchange(connection: Any, sql: bytes) -> list[Any]:
     try:
         while pgconn.flush():  # a nonblocking connection may not have sent it all yet
             await _ready(pgconn.socket, write=True)
-        results = []
-        while True:
-            pgconn.consume_input()
-            while not pgconn.is_busy():
-                result = pgconn.get_result()
-                if result is None:
-                    for result in results:
-                        if result.status == _FATAL_ERROR:
-                            raise connection_error(result, connection)
-                    return results
-                results.append(result)
-            await _ready(pgconn.socket)
+        results = await _results(pgconn)
     except BaseException as error:
         if not (isinstance(error, psycopg.Error) and connection.closed):
             await _stop_statement(connection)
         raise
+    for result in results:
+        if result.status == _FATAL_ERROR:
+            raise error_from_result(result, encoding=connection.info.encoding)
+    return results
+
+
+async def _results(pgconn: Any) -> list[Any]:
+    """Every result of the message in progress, until libpq has none left."""
+    results = []
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                return results
+            results.append(result)
+        await _ready(pgconn.socket)
 
 
 async def _stop_statement(connection: Any) -> None:
@@ -610,13 +616,7 @@ async def _stop_statement(connection: Any) -> None:
     try:
         async with asyncio.timeout(CANCEL_WAIT_S):
             await connection.cancel_safe(timeout=CANCEL_WAIT_S)
-            pgconn = connection.pgconn
-            while True:
-                pgconn.consume_input()
-                while not pgconn.is_busy():
-                    if pgconn.get_result() is None:
-                        return
-                await _ready(pgconn.socket)
+            await _results(connection.pgconn)
     except BaseException:  # no answer in time, the connection broke, or cancelled again
         await _close_quietly(connection)
 
@@ -644,10 +644,6 @@ def _set_done(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def connection_error(result: Any, connection: Any) -> Exception:
-    return error_from_result(result, encoding=connection.info.encoding)
-
-
 async def _close_quietly(connection: Any) -> None:
     try:
         await connection.close()
@@ -655,12 +651,8 @@ async def _close_quietly(connection: Any) -> None:
         log.debug("closing a connection failed: %s", type(error).__name__)
 
 
-def _db_values(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Enums as their stored values, alone or in lists (AnyOf); psycopg adapts the rest."""
-    return {name: _db_value(value) for name, value in parameters.items()}
-
-
 def _db_value(value: Any) -> Any:
+    """Enums as their stored values, alone or in lists (AnyOf); psycopg adapts the rest."""
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, list | tuple):
