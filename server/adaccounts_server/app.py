@@ -81,6 +81,10 @@ class App:
                 ("grpc.max_send_message_length", self.settings.GRPC_MAX_MESSAGE_BYTES),
                 # One connection cannot take every call slot for itself.
                 ("grpc.max_concurrent_streams", self.settings.GRPC_MAX_CONCURRENT_STREAMS),
+                # Refuse a stream only past that limit as the caller counts it: with gRPC's "overload
+                # protection" the server also counted streams whose answers were still being sent,
+                # and refused calls the client had every right to start (REFUSED_STREAM).
+                ("grpc.http.overload_protection", 0),
                 # Notice a caller that vanished (host down, process stopped) and release what its
                 # calls hold, unsent responses included: a ping every minute, 20 s to answer it.
                 ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
