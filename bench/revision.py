@@ -2,7 +2,7 @@
 
 `python bench/run.py --against REV` benches two servers side by side. The new one is the
 checkout bench/run.py lives in, served by the interpreter that runs it (its venv must have
-that checkout installed, `pip install -e '.[bench]'`). The previous one is REV, checked out
+that checkout installed, `pip install -e ./clients -e '.[bench]'`). The previous one is REV, checked out
 with `git worktree add` and installed in a fresh venv of its own (`pip install -e`, so that
 each revision gets the dependencies its own pyproject.toml names: psycopg2 or psycopg 3).
 
@@ -84,7 +84,7 @@ class Tree:
                 raise RuntimeError(
                     f"{self.label}: {self.python} imports adaccounts_server from {package.parent.parent}, not from "
                     f"{self.root}: run the benchmark with a venv that has this checkout installed "
-                    f"(pip install -e '{self.root}[bench]')"
+                    f"(pip install -e '{self.root}/clients' -e '{self.root}[bench]')"
                 )
             self._fields = frozenset(answer["fields"])
         return self._fields
@@ -169,6 +169,8 @@ def built_revision(root: Path, revision: str, workdir: Path, cache: bool, log: C
                 _git(root, "worktree", "add", "--detach", "--force", str(tree), sha)
                 _run([sys.executable, "-m", "venv", str(venv)], base / "venv.log")
                 install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-e", str(tree)]
+                if (tree / "clients" / "pyproject.toml").exists():  # the server depends on the client
+                    install[-2:-2] = ["-e", str(tree / "clients")]
                 _run(install, base / "pip.log")
                 done.write_text(sha)
                 log(f"built {label} in {time.monotonic() - started:.0f} s")

@@ -26,10 +26,10 @@ def proto_files() -> list[Path]:
 
 
 def _plugin(name: str) -> str:
-    """A protoc plugin installed next to this interpreter (pip install -e '.[test]')."""
+    """A protoc plugin installed next to this interpreter (the `test` dependency group)."""
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
-        sys.exit(f"{name} not found: pip install -e '.[test]' (it comes with mypy-protobuf)")
+        sys.exit(f"{name} not found: pip install -r requirements-dev.lock (it comes with mypy-protobuf)")
     return found
 
 

@@ -25,7 +25,7 @@ ROWS = [
     # FastAPI's own deployment: uvicorn[standard] (the bench extra), on uvloop and httptools, psycopg 3.
     r"baseline: REST GET, FastAPI \+ SQLModel \(psycopg 3[^|]*\), uvicorn \(uvloop\.Loop, httptools\)[^|]*",
     r"baseline: echo RPC, no database",
-    *(rf"ratio {number}: [^|]+" for number in range(1, 7)),
+    *(rf"ratio {number}: [^|]+" for number in range(1, 6)),
     r"peak RSS per server worker",
 ]
 

@@ -26,11 +26,12 @@ from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_databas
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-# The console script installed next to this interpreter (`pip install -e .[test]`).
+# The console script installed next to this interpreter (the README's test command installs it).
 ADACCOUNTS = shutil.which("adaccounts", path=str(Path(sys.executable).parent)) or shutil.which("adaccounts")
+ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 15.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 # Reconnect quickly while polling a server that is still starting.
 FAST_RECONNECT = [
     ("grpc.use_local_subchannel_pool", 1),
@@ -43,7 +44,7 @@ FAST_RECONNECT = [
 @pytest.fixture(scope="module", autouse=True)
 def _console_script() -> None:
     if ADACCOUNTS is None:
-        pytest.fail("the `adaccounts` console script is not installed: run `pip install -e '.[test]'`")
+        pytest.fail("the `adaccounts` console script is not installed: run `pip install --no-deps -e ./clients -e .`")
 
 
 def clean_env(**settings: str) -> dict[str, str]:
@@ -185,7 +186,7 @@ def test_serve_with_no_configuration_uses_a_migrated_sqlite_file(serve, tmp_path
     assert database.is_file(), "serve did not create adaccounts.db in its working directory"
     with sqlite3.connect(database) as connection:
         names = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"ad_accounts", "alembic_version"} <= names
+        assert {"ad_accounts", "ad_account_requests", "alembic_version"} <= names
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD_REVISION,)]
 
     check = run(tmp_path, "check", "--target", server.target)
@@ -197,6 +198,15 @@ def test_serve_with_no_configuration_uses_a_migrated_sqlite_file(serve, tmp_path
         created = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
         assert created.id
         assert stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id), timeout=5) == created
+        # request_id (AIP-155): a retry returns the account; another request with the id is refused.
+        request = pb.CreateAdAccountRequest(ad_account=new_account(), request_id=str(uuid.uuid4()))
+        first = stub.CreateAdAccount(request, timeout=5)
+        assert stub.CreateAdAccount(request, timeout=5) == first
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateAdAccount(
+                pb.CreateAdAccountRequest(ad_account=new_account(), request_id=request.request_id), timeout=5
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     started = time.monotonic()
     assert server.terminate() == 0, server.output
@@ -267,7 +277,7 @@ def test_check_services(serve, tmp_path: Path) -> None:
         (["serve"], {"DATABASE_URL": "mysql://x", "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET}, "DATABASE_URL"),
         (["serve"], {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         (["migrate"], {"DATABASE_URL": "mysql://app:Pa55word1234@x/y"}, "DATABASE_URL"),
-        (["migrate"], {"DATABASE_URL": "postgresql://x"}, "PAGE_TOKEN_SECRET"),
+        (["migrate"], {"DATABASE_URL": "postgresql://x", "DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT"),
         (["check"], {"GRPC_PORT": "abc"}, "GRPC_PORT"),
     ],
     ids=[
@@ -279,7 +289,7 @@ def test_check_services(serve, tmp_path: Path) -> None:
         "mysql",
         "log_level",
         "migrate_mysql",
-        "migrate_no_secret",
+        "migrate_bad_value",
         "check_port_abc",
     ],
 )
@@ -301,7 +311,7 @@ def test_invalid_setting_exits_2_with_one_line_naming_it(
 
 def test_migrate_a_new_postgresql_database_then_again(tmp_path: Path, empty_db: str) -> None:
     password = "M1grateS3cret"  # trust auth: any password is accepted, and must never be printed
-    settings = {"DATABASE_URL": pg_url(empty_db, password), "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET}
+    settings = {"DATABASE_URL": pg_url(empty_db, password)}  # all a migrate needs
 
     first = run(tmp_path, "migrate", **settings)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -322,6 +332,43 @@ def test_migrate_a_new_postgresql_database_then_again(tmp_path: Path, empty_db: 
     for result in (first, again):
         assert password not in result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr
+
+
+# Serving settings, each invalid: `serve` refuses every one of them, `migrate` reads none of them.
+BAD_SERVING_SETTINGS = [
+    ("PAGE_TOKEN_SECRET", {}),  # unset, with a database configured
+    ("PAGE_TOKEN_SECRET", {"PAGE_TOKEN_SECRET": "short"}),
+    ("GRPC_TLS_CERT_FILE", {"GRPC_TLS": "tls"}),
+    ("AUTH_TOKENS", {"AUTH_TOKENS": "{not json"}),
+]
+
+
+@pytest.mark.parametrize(("named", "bad"), BAD_SERVING_SETTINGS, ids=["no_secret", "short_secret", "tls", "tokens"])
+def test_migrate_needs_only_the_database_url_and_serve_checks_the_rest(
+    tmp_path: Path, empty_db: str, named: str, bad: dict[str, str]
+) -> None:
+    migrate = run(tmp_path, "migrate", DATABASE_URL=pg_url(empty_db), **bad)
+    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+    assert f"current schema ({HEAD_REVISION})" in migrate.stdout
+
+    serve = run(tmp_path, "serve", "--port", "0", DATABASE_URL=pg_url(empty_db), **bad)
+    assert serve.returncode == 2, serve.stdout + serve.stderr
+    assert serve.stderr.startswith(f"adaccounts: invalid setting {named}:"), serve.stderr
+    assert lines(serve.stderr) == [serve.stderr.strip()]
+
+
+def test_version_names_the_server_the_contract_and_the_client(tmp_path: Path) -> None:
+    import tomllib
+
+    import adaccounts
+
+    server_version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    result = run(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert lines(result.stdout) == [
+        f"adaccounts {server_version} (contract {pb.DESCRIPTOR.package}, client {adaccounts.__version__})"
+    ]
+    assert pb.DESCRIPTOR.package == "adaccounts.v1"
 
 
 def test_migrate_an_unreachable_database_fails_in_one_line_without_the_password(tmp_path: Path) -> None:

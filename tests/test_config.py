@@ -185,6 +185,42 @@ def test_page_token_secret_shorter_than_16_characters_is_rejected(monkeypatch: p
     assert error_for().startswith("PAGE_TOKEN_SECRET:")
 
 
+def test_page_token_secret_holds_several_keys_the_first_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    new, old = "new-page-token-key-0123456789", "old-page-token-key-0123456789"
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db.example/accounts")
+    monkeypatch.setenv("PAGE_TOKEN_SECRET", f"{new},{old}")
+    settings = load()
+    assert settings.page_token_keys == (new.encode(), old.encode())
+    assert settings.page_token_key == new.encode()
+    for text in (repr(settings), str(settings), str(settings.model_dump()), settings.model_dump_json()):
+        assert new not in text and old not in text
+    # One key, as before keys could be several: taken exactly as written.
+    monkeypatch.setenv("PAGE_TOKEN_SECRET", f" {old}\n")
+    assert load().page_token_keys == (f" {old}\n".encode(),)
+
+
+@pytest.mark.parametrize(
+    ("secret", "complaint"),
+    [
+        ("new-page-token-key-0123456789,short-key", "key 2 of 2 is shorter than 16"),
+        ("new-page-token-key-0123456789,", "key 2 of 2 is empty"),
+        (",old-page-token-key-0123456789", "key 1 of 2 is empty"),
+        ("new-page-token-key-0123456789, old-page-token-key-0123456789", "key 2 of 2 begins or ends with whitespace"),
+        ("abcdefghijklmn,opqrstuvwxyz", "key 1 of 2 is shorter than 16"),  # a one-key secret with a comma
+    ],
+)
+def test_a_bad_page_token_key_is_named_by_its_position_only(
+    monkeypatch: pytest.MonkeyPatch, secret: str, complaint: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db.example/accounts")
+    monkeypatch.setenv("PAGE_TOKEN_SECRET", secret)
+    message = error_for()
+    assert message.startswith(f"PAGE_TOKEN_SECRET: {complaint}"), message
+    for key in secret.split(","):
+        if key.strip():
+            assert key.strip()[:6] not in message
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

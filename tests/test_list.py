@@ -198,6 +198,52 @@ def test_page_token_is_accepted_by_another_server_with_the_same_secret(stub, see
         rogue.stop()
 
 
+OLD_KEY, NEW_KEY = "page-key-being-retired-0123456789", "page-key-taking-over-0123456789"
+
+
+def test_rotating_the_page_token_key_keeps_walks_in_progress_going(seeded, database_url):
+    """README, "Rotating the page-token key": add the new key second everywhere, then make it
+    first, then drop the old one. A page token minted at any step is accepted by every server
+    of that step and the next, so no walk breaks while the Secret rolls out."""
+    step = {
+        name: RunningServer(test_settings(database_url, PAGE_TOKEN_SECRET=secret))
+        for name, secret in {
+            "before": OLD_KEY,
+            "added": f"{OLD_KEY},{NEW_KEY}",
+            "swapped": f"{NEW_KEY},{OLD_KEY}",
+            "dropped": NEW_KEY,
+            "neither": "a-key-that-signed-neither-0123456789",
+        }.items()
+    }
+    channels = {name: grpc.insecure_channel(running.target) for name, running in step.items()}
+    stubs = {name: pb_grpc.AdAccountServiceStub(channel) for name, channel in channels.items()}
+
+    def next_page(server: str, token: str) -> pb.ListAdAccountsResponse:
+        return stubs[server].ListAdAccounts(pb.ListAdAccountsRequest(page_token=token, page_size=10), timeout=5)
+
+    try:
+        old_token = stubs["before"].ListAdAccounts(pb.ListAdAccountsRequest(page_size=10), timeout=5).next_page_token
+        # A token signed with the old key, still signing while the new one is only added, is
+        # accepted once the new key signs ("new,old"): the issue's own case.
+        for server in ("added", "swapped"):
+            assert next_page(server, old_token).ad_accounts[0].id == seeded[10].id, server
+        swapped_token = next_page("swapped", old_token).next_page_token
+        # Signed with the new key: accepted by a pod not yet swapped, and after the old key is dropped.
+        for server in ("added", "swapped", "dropped"):
+            assert next_page(server, swapped_token).ad_accounts[0].id == seeded[20].id, server
+        # A token signed by neither key, and an old token once its key is dropped, are refused.
+        foreign = stubs["neither"].ListAdAccounts(pb.ListAdAccountsRequest(page_size=10), timeout=5).next_page_token
+        for server, token in (("swapped", foreign), ("added", foreign), ("dropped", old_token)):
+            error = rpc_error(stubs[server].ListAdAccounts, pb.ListAdAccountsRequest(page_token=token, page_size=10))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, server
+            assert "page_token" in field_violations(error)
+    finally:
+        for channel in channels.values():
+            channel.close()
+        for running in step.values():
+            running.stop()
+
+
 def test_walk_by_create_time_sees_every_existing_row_once_while_rows_are_inserted(stub, seeded):
     stop = threading.Event()
     inserted: list[str] = []

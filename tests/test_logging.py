@@ -194,7 +194,7 @@ def free_port() -> int:
 def test_serve_writes_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path):
     """The real program, zero setup (SQLite), its stderr in a file."""
     adaccounts = shutil.which("adaccounts")
-    assert adaccounts, "pip install -e '.[test]'"
+    assert adaccounts, "pip install --no-deps -e ./clients -e ."
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "LOG_", "DATABASE_", "POSTGRES_"))}
     stderr = tmp_path / "serve.err"

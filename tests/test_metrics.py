@@ -32,12 +32,43 @@ def metrics_server(database_url) -> Iterator[RunningServer]:
     running.stop()
 
 
+# grpc-go's codes.Code.String() (google.golang.org/grpc/codes/code_string.go), which
+# go-grpc-prometheus writes as grpc_code, by code number.
+GO_CODE_NAMES = (
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+)
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def scrape_text(running: RunningServer, accept: str | None = None, query: str = "") -> str:
+    port = running.app.metrics_port
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics{query}")
+    if accept:
+        request.add_header("Accept", accept)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
 def scrape(running: RunningServer) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     """The raw text and every sample, keyed by (name, sorted labels)."""
-    port = running.app.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        assert response.status == 200
-        text = response.read().decode()
+    text = scrape_text(running)
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -71,8 +102,8 @@ def test_metrics_move_with_traffic(metrics_server, clean_db):
 
     assert moved("grpc_server_started_total", **unary("GetAdAccount")) == 7
     assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="OK")) == 5
-    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="NOT_FOUND")) == 1
-    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="INVALID_ARGUMENT")) == 1
+    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="NotFound")) == 1
+    assert moved("grpc_server_handled_total", **unary("GetAdAccount", grpc_code="InvalidArgument")) == 1
     assert moved("grpc_server_handled_total", **unary("CreateAdAccount", grpc_code="OK")) == 1
     assert moved("grpc_server_handling_seconds_count", **unary("GetAdAccount")) == 7
     assert moved("grpc_server_handling_seconds_sum", **unary("GetAdAccount")) > 0
@@ -87,6 +118,35 @@ def test_metrics_move_with_traffic(metrics_server, clean_db):
     assert value(after, "adaccounts_db_ping_seconds_count") > value(before, "adaccounts_db_ping_seconds_count")
     assert value(after, "adaccounts_db_ping_seconds_sum") > 0
     assert "grpc_server_handling_seconds_bucket" in text
+
+
+def test_codes_are_written_as_go_grpc_prometheus_does_and_nothing_is_created(metrics_server, clean_db):
+    """Issue 13: a NOT_FOUND is counted as grpc_code="NotFound" (Go's spelling), and no scrape
+    shows a `_created` series, in either exposition format Prometheus asks for."""
+    with grpc.insecure_channel(metrics_server.target) as channel, pytest.raises(grpc.RpcError) as raised:
+        pb_grpc.AdAccountServiceStub(channel).GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    time.sleep(0.3)
+    text, samples = scrape(metrics_server)
+    assert value(samples, "grpc_server_handled_total", **unary("GetAdAccount", grpc_code="NotFound")) >= 1
+    assert 'grpc_code="NotFound"' in text
+    codes = {dict(labels).get("grpc_code") for (name, labels) in samples if name == "grpc_server_handled_total"}
+    assert codes <= set(GO_CODE_NAMES), f"not Go's spelling: {codes - set(GO_CODE_NAMES)}"
+    openmetrics = scrape_text(metrics_server, accept=OPENMETRICS)
+    assert 'grpc_code="NotFound"' in openmetrics
+    # Asked for by name, too (prometheus_client's `name[]` filter).
+    names = "?name[]=grpc_server_handled_created&name[]=grpc_server_handled_total"
+    restricted = scrape_text(metrics_server, query=names)
+    assert "grpc_server_handled_total{" in restricted
+    for scraped in (text, openmetrics, restricted):
+        assert "_created" not in scraped, [line for line in scraped.splitlines() if "_created" in line][:3]
+
+
+def test_every_status_code_has_its_go_name() -> None:
+    from adaccounts_server.metrics import GO_CODE_NAMES as SERVER_NAMES
+
+    assert {code.value[0]: name for code, name in SERVER_NAMES.items()} == dict(enumerate(GO_CODE_NAMES))
+    assert set(SERVER_NAMES) == set(grpc.StatusCode)
 
 
 def test_in_flight_and_checked_out_show_a_call_in_progress(metrics_server, clean_db, database_url):
@@ -128,7 +188,7 @@ def test_health_status_and_secrets_in_the_scrape(database_url):
         text, samples = scrape(running)
     finally:
         running.stop()
-    assert value(samples, "grpc_server_handled_total", **unary("ListAdAccounts", grpc_code="UNAUTHENTICATED")) == 1
+    assert value(samples, "grpc_server_handled_total", **unary("ListAdAccounts", grpc_code="Unauthenticated")) == 1
     for secret in ("Metr1csS3cret", token, tokens and next(iter(tokens))):
         assert secret not in text
 
@@ -172,6 +232,10 @@ def test_the_readme_alert_rules_and_metrics_table_name_real_metrics(metrics_serv
     for name, expr in alerts.items():
         for metric in re.findall(r"\b((?:grpc_server|adaccounts)_[a-z_]+)", expr):
             assert metric in exposed, f"{name} uses {metric}, which the server does not expose"
+        for codes in re.findall(r'grpc_code=~?"([^"]*)"', expr):
+            for code in codes.split("|"):
+                assert code in GO_CODE_NAMES, f"{name} matches grpc_code {code!r}, which is not Go's spelling"
+    assert re.search(r'grpc_code=~"[^"]*\bInternal\b', alerts["AdAccountsErrorRatio"]), "Internal is an error"
     table = re.findall(r"^\| `((?:grpc_server|adaccounts)_[a-z_]+)`", operating, re.M)
     assert len(table) >= 7
     for metric in table:

@@ -19,9 +19,10 @@ from conftest import ADMIN_URL, RunningServer, create_database, drop_database, n
 
 PASSWORD = "Pw-n3ver-shown-7d1f"  # trust auth: any password is accepted
 PAGE_KEY = "page-key-never-shown-0123456789"
+OLD_PAGE_KEY = "old-page-key-never-shown-987654"  # PAGE_TOKEN_SECRET holds both while rotating
 TOKEN = "token-never-shown-abcdefghijklmnop"
 TOKEN_HASH = hashlib.sha256(TOKEN.encode()).hexdigest()
-SECRETS = (PASSWORD, PAGE_KEY, TOKEN, TOKEN_HASH)
+SECRETS = (PASSWORD, PAGE_KEY, OLD_PAGE_KEY, TOKEN, TOKEN_HASH)
 
 
 @pytest.mark.parametrize("schema", [True, False], ids=["migrated", "no-schema (INTERNAL errors)"])
@@ -33,7 +34,7 @@ def test_no_secret_anywhere(database_url, clean_db, schema):
         url = create_database(ADMIN_URL, name)
     settings = test_settings(
         url.set(password=PASSWORD),
-        PAGE_TOKEN_SECRET=PAGE_KEY,
+        PAGE_TOKEN_SECRET=f"{PAGE_KEY},{OLD_PAGE_KEY}",
         AUTH_TOKENS=json.dumps({TOKEN_HASH: {"name": "billing", "scope": "read-write"}}),
         METRICS_PORT=0,
         LOG_LEVEL="DEBUG",
@@ -66,7 +67,7 @@ def test_no_secret_anywhere(database_url, clean_db, schema):
                     seen += [error.details() or "", str(error.trailing_metadata()), error.debug_error_string()]
         with urllib.request.urlopen(f"http://127.0.0.1:{running.app.metrics_port}/metrics", timeout=5) as response:
             seen.append(response.read().decode())
-        seen.append(repr(running.app.settings))
+        seen += [repr(running.app.settings), repr(running.app.service._page_tokens)]
     finally:
         running.stop()
         root.removeHandler(handler)

@@ -158,7 +158,7 @@ def test_tls_settings_are_checked_in_one_line(database_url, pki, tmp_path, mode,
 
 def check(*args: str) -> subprocess.CompletedProcess[str]:
     adaccounts = shutil.which("adaccounts")
-    assert adaccounts, "pip install -e '.[test]'"
+    assert adaccounts, "pip install --no-deps -e ./clients -e ."
     return subprocess.run([adaccounts, "check", *args], capture_output=True, text=True, timeout=30)
 
 

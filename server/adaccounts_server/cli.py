@@ -20,6 +20,7 @@ EXIT_BUSY = 3
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="adaccounts", description="gRPC data service for ad accounts")
+    parser.add_argument("--version", action=_PrintVersion, help="print the server's and the contract's versions")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
@@ -56,11 +57,40 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit({"serve": _serve, "migrate": _migrate, "check": _check}[args.command](args))
 
 
-def _settings(**overrides: object):  # type: ignore[no-untyped-def]
+def version() -> str:
+    """`adaccounts 0.1.0 (contract adaccounts.v1, client 1.0.1)`: this server's distribution, the
+    proto package it serves and the adaccounts-client distribution that carries that contract."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    import adaccounts
+    from adaccounts.v1 import ad_accounts_pb2
+
+    try:
+        server = installed("adaccounts-server")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        server = "unknown"
+    return f"adaccounts {server} (contract {ad_accounts_pb2.DESCRIPTOR.package}, client {adaccounts.__version__})"
+
+
+class _PrintVersion(argparse.Action):
+    """argparse's "version" action, computed only when asked (it imports the generated contract)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=kwargs.get("help"))  # type: ignore[arg-type]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
+        print(version())
+        parser.exit()
+
+
+def _settings(*, serving: bool = True, **overrides: object):  # type: ignore[no-untyped-def]
+    """The settings, or exit 2 with one line. `serving=False`: only what every command needs
+    (the database URL), not what only `serve` uses (PAGE_TOKEN_SECRET, TLS, tokens)."""
     from .config import SettingsError, load_settings
 
     try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        return load_settings(serving=serving, **{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as error:
         print(f"adaccounts: invalid setting {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
@@ -91,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _settings(serving=False)  # the database URL is all a migrate needs
     if args.since and not args.sql:
         print("adaccounts migrate: --from only goes with --sql", file=sys.stderr)
         return EXIT_USAGE
@@ -130,7 +160,7 @@ def _check(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = args.target or f"localhost:{_settings().GRPC_PORT}"
+    target = args.target or f"localhost:{_settings(serving=False).GRPC_PORT}"
     if (args.cert is None) != (args.key is None) or (args.cert and not args.ca):
         print("adaccounts check: --cert and --key go together, and with --ca", file=sys.stderr)
         return EXIT_USAGE

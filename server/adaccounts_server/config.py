@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     GRPC_TLS_KEY_FILE: Path | None = None
     GRPC_TLS_CLIENT_CA_FILE: Path | None = None
 
+    # How long a CreateAdAccount request_id is remembered (AIP-155): within it, a retry gets the
+    # account it created as it is now (NOT_FOUND once deleted), the id with another request
+    # INVALID_ARGUMENT; after it, the id is forgotten and creates a new account. 7 days.
+    REQUEST_ID_RETENTION_S: Seconds = 7 * 24 * 3600.0
+
     HEALTH_CHECK_INTERVAL_S: Seconds = 1.0
     HEALTH_CHECK_TIMEOUT_S: Seconds = 2.0
     SHUTDOWN_GRACE_S: Annotated[float, Field(ge=0)] = 10.0
@@ -138,9 +143,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        # What every command needs: `adaccounts migrate` and plain `alembic` need only these
+        # (the database URL); the serving settings are checked by `check_serving`.
         if logging.getLevelName(self.LOG_LEVEL.upper()) not in range(0, 51):
             raise ValueError(f"LOG_LEVEL: unknown level {self.LOG_LEVEL!r} (use DEBUG, INFO, WARNING, ERROR)")
         _check_url("DATABASE_URL", lambda: self.database_url)
+        if self.MIGRATION_DATABASE_URL is not None:
+            _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
+        return self
+
+    def check_serving(self) -> None:
+        """What only `serve` needs: TLS files, tokens, tracing, the page-token key; ValueError
+        naming the setting. `load_settings()` calls it; `load_settings(serving=False)` does not."""
         _check_tls(self)
         _ = self.auth_tokens  # parse now: a bad entry stops the program at start, in one line
         if self.TRACING != "off":
@@ -149,14 +163,11 @@ class Settings(BaseSettings):
             missing = check_installed()
             if missing:
                 raise ValueError(f"TRACING: {missing}")
-        if self.MIGRATION_DATABASE_URL is not None:
-            _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
         secret = self.PAGE_TOKEN_SECRET
         if secret is None and not self.uses_embedded_database:
             raise ValueError("PAGE_TOKEN_SECRET: required when a database is configured (same value on every replica)")
-        if secret is not None and len(secret.get_secret_value()) < 16:
-            raise ValueError("PAGE_TOKEN_SECRET: must be at least 16 characters")
-        return self
+        if secret is not None:
+            _split_page_token_keys(secret.get_secret_value())  # raises, naming the key by its position only
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -193,9 +204,43 @@ class Settings(BaseSettings):
         return _parse_tokens(self.AUTH_TOKENS.get_secret_value())
 
     @property
-    def page_token_key(self) -> bytes:
+    def page_token_keys(self) -> tuple[bytes, ...]:
+        """PAGE_TOKEN_SECRET's keys, in order: the first signs new page tokens, any of them
+        verifies one (so the key rotates without breaking walks in progress)."""
         secret = self.PAGE_TOKEN_SECRET
-        return (secret.get_secret_value() if secret else DEVELOPMENT_PAGE_TOKEN_SECRET).encode()
+        return _split_page_token_keys(secret.get_secret_value() if secret else DEVELOPMENT_PAGE_TOKEN_SECRET)
+
+    @property
+    def page_token_key(self) -> bytes:
+        """The key new page tokens are signed with: PAGE_TOKEN_SECRET's first."""
+        return self.page_token_keys[0]
+
+
+PAGE_TOKEN_KEY_MIN_LENGTH = 16
+
+
+def _split_page_token_keys(secret: str) -> tuple[bytes, ...]:
+    """`new,old`: the keys of PAGE_TOKEN_SECRET, each at least 16 characters, taken as written
+    (one key keeps meaning exactly what it meant before keys could be several). The messages
+    name a key by its position, never by any part of its value."""
+    keys = secret.split(",")
+    several = len(keys) > 1
+    for number, key in enumerate(keys, start=1):
+        which = f"key {number} of {len(keys)}" if several else "the key"
+        if several and not key:
+            raise ValueError(f"PAGE_TOKEN_SECRET: {which} is empty (keys are separated by single commas)")
+        if several and key != key.strip():
+            raise ValueError(
+                f"PAGE_TOKEN_SECRET: {which} begins or ends with whitespace: separate keys with a comma alone"
+            )
+        if len(key) < PAGE_TOKEN_KEY_MIN_LENGTH:
+            if several:
+                raise ValueError(
+                    f"PAGE_TOKEN_SECRET: {which} is shorter than {PAGE_TOKEN_KEY_MIN_LENGTH} characters"
+                    " (several keys are separated by commas, so a key cannot contain one)"
+                )
+            raise ValueError(f"PAGE_TOKEN_SECRET: must be at least {PAGE_TOKEN_KEY_MIN_LENGTH} characters")
+    return tuple(key.encode() for key in keys)
 
 
 def _one_driver(url: URL) -> URL:
@@ -273,12 +318,23 @@ def _parse_tokens(text: str) -> dict[str, TokenGrant]:
     return grants
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read the settings; raise SettingsError with one line naming the bad one."""
+def load_settings(*, serving: bool = True, **overrides: object) -> Settings:
+    """Read the settings; raise SettingsError with one line naming the bad one.
+
+    `serving=False` (`adaccounts migrate`, `adaccounts check`, plain `alembic`): only what every
+    command needs is checked (the database URLs, LOG_LEVEL, each value's type), not the serving
+    settings (PAGE_TOKEN_SECRET, TLS files, AUTH_TOKENS, TRACING), which they never use.
+    """
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise SettingsError(f"{where}: {message}" if where else message) from None
+    if serving:
+        try:
+            settings.check_serving()
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    return settings

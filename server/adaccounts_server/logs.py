@@ -3,7 +3,10 @@
 Every record logged while a call is handled carries that call's request id
 (`request_id`, from the call's `x-request-id` metadata or made up), so the
 line an INTERNAL error leaves in the log can be found from the id the caller
-quotes, and from the request id the caller sent.
+quotes, and from the request id the caller sent. With tracing on (TRACING=otlp)
+every record logged while a span is current (the call's, or one of its SQL
+statements') also carries its trace id (`trace_id`, 32 hex digits, as the
+trace backends show it), so a call's log lines and its trace find each other.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -37,15 +41,45 @@ class _DropCancelledCalls(logging.Filter):
         return not (record.exc_info and record.exc_info[0] is asyncio.CancelledError)
 
 
+def _no_trace_id() -> str | None:
+    return None
+
+
+# The current span's trace id, read on the thread that logs; None while tracing is off
+# (enable_trace_ids() swaps it in once an App traces).
+_current_trace_id: Callable[[], str | None] = _no_trace_id
+
+
+def enable_trace_ids() -> None:
+    """Give every record logged while an OpenTelemetry span is current that span's trace id.
+
+    Called by tracing.Tracing: nothing is read (nor OpenTelemetry imported) for logging
+    until a server traces. Process-wide, but a server that does not trace starts no span,
+    so its lines have no trace id either."""
+    global _current_trace_id
+    from opentelemetry import trace
+
+    def current_trace_id() -> str | None:
+        context = trace.get_current_span().get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+
+    _current_trace_id = current_trace_id
+
+
 class _RequestIdFilter(logging.Filter):
+    """The call's request id and trace id, read where the record is logged (context variables)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.get()
+        if not hasattr(record, "trace_id"):
+            record.trace_id = _current_trace_id()
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"time", "level", "logger", "message", "request_id"?, <rpc fields>?, "error_id"?, "exception"?}`."""
+    """`{"time", "level", "logger", "message", "request_id"?, "trace_id"?, <rpc fields>?, "error_id"?,
+    "exception"?}`."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -56,6 +90,9 @@ class JsonFormatter(logging.Formatter):
         }
         if getattr(record, "request_id", None):
             line["request_id"] = record.request_id
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            line["trace_id"] = trace_id
         rpc = getattr(record, "rpc", None)
         if isinstance(rpc, dict):
             line.update(rpc)
@@ -74,10 +111,14 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        extra = []
         rid = getattr(record, "request_id", None)
         if rid and not isinstance(getattr(record, "rpc", None), dict):  # rpc lines say it themselves
-            text = f"{text} [request_id={rid}]"
-        return text
+            extra.append(f"request_id={rid}")
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            extra.append(f"trace_id={trace_id}")
+        return f"{text} [{' '.join(extra)}]" if extra else text
 
 
 def wants_json(log_format: str, stream: TextIO) -> bool:

@@ -1,27 +1,34 @@
 """Prometheus metrics, served over HTTP on METRICS_PORT (separate from the gRPC port).
 
-Per call (the names and labels of go-grpc-prometheus, so the usual dashboards
-work): grpc_server_started_total, grpc_server_handled_total{grpc_code},
-grpc_server_handling_seconds (histogram), and adaccounts_rpcs_in_flight.
+Per call, as go-grpc-prometheus writes them, so its dashboards and alerts work
+unchanged: grpc_server_started_total, grpc_server_handled_total{grpc_code} with
+the code in Go's spelling (`OK`, `NotFound`, `DeadlineExceeded`: grpc-go's
+codes.Code.String(), not Python's NOT_FOUND), grpc_server_handling_seconds
+(histogram); and adaccounts_rpcs_in_flight. No `*_created` series: the Go
+client does not write them, and they double the series of every counter and
+histogram for a value (the process start, near enough) nobody asked for.
 Read at each scrape: the connection pool (size, checked out, overflow), the
 health status, and the concurrency limit. Observed by the health monitor's
 pings: adaccounts_db_ping_seconds. Label values are method and status names
 only: nothing a caller sends, no token, no URL.
 
 Each App has its own registry, so several servers in one process (the tests)
-never share or collide on metrics.
+never share or collide on metrics; the `_created` series are left out by that
+registry, not by prometheus_client's process-wide switch.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import logs
@@ -33,6 +40,30 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 PING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+# grpc-go's codes.Code.String(), which go-grpc-prometheus writes as grpc_code.
+GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+# Metric types that prometheus_client gives a `<name>_created` sample.
+_WITH_CREATED = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
+
+
 def split_method(method: str) -> tuple[str, str]:
     """`/pkg.Service/Method` → (`pkg.Service`, `Method`)."""
     service, _, name = method.lstrip("/").partition("/")
@@ -41,7 +72,7 @@ def split_method(method: str) -> tuple[str, str]:
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry: CollectorRegistry = _NoCreatedRegistry()
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self._started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=self.registry)
         self._handled = Counter(
@@ -82,7 +113,7 @@ class Metrics:
     def call_ended(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         service, name = split_method(method)
         self._in_flight.labels(service, name).dec()
-        self._handled.labels("unary", service, name, code.name).inc()
+        self._handled.labels("unary", service, name, GO_CODE_NAMES.get(code, "Unknown")).inc()
         self._latency.labels("unary", service, name).observe(seconds)
 
     def ping_answered(self, seconds: float) -> None:
@@ -109,6 +140,36 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _NoCreatedRegistry(CollectorRegistry):
+    """A registry whose scrapes leave out the `<name>_created` samples, in the Prometheus
+    text and the OpenMetrics format alike, `?name[]=` scrapes included. prometheus_client's
+    own switch (disable_created_metrics, PROMETHEUS_DISABLE_CREATED_SERIES) is process-wide;
+    this is this registry's alone."""
+
+    def collect(self) -> Iterator[Metric]:
+        return _without_created(super().collect())
+
+    def restricted_registry(self, names: Iterable[str]) -> Any:
+        restricted = super().restricted_registry(names)
+
+        class _Restricted:
+            def collect(self) -> Iterator[Metric]:
+                return _without_created(restricted.collect())
+
+        return _Restricted()
+
+
+def _without_created(families: Iterable[Metric]) -> Iterator[Metric]:
+    for family in families:
+        if family.type in _WITH_CREATED:
+            created = family.name + "_created"
+            kept = [sample for sample in family.samples if sample.name != created]
+            if len(kept) != len(family.samples):
+                family = copy.copy(family)  # the collector's own object stays as it was
+                family.samples = kept
+        yield family
 
 
 class _Callback(Collector):

@@ -38,9 +38,9 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .errors import first_line
 
-# Next to the package's parent folder: server/adaccounts_server -> ./migrations
-# (in a checkout, and in the image, which keeps the same layout under /app).
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# Inside the package (adaccounts_server/migrations: env.py, versions/), so they ship in the
+# wheel and are found wherever it is installed; alembic.ini points here for developers.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 # pg_advisory_lock key shared by every `adaccounts migrate` ("adaccts!" as a bigint).
 # Advisory locks are per database, so migrations of different databases never wait on each other.
@@ -86,7 +86,7 @@ class MigrationBusy(MigrationError):
 
 @dataclass
 class MigrationRun:
-    """What one run did, filled in by migrations/env.py as it goes."""
+    """What one run did, filled in by the migrations' env.py as it goes."""
 
     upgrading: bool = True
     connected: bool = False

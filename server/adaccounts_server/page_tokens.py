@@ -6,6 +6,10 @@ request's filter fingerprint, so a token that was altered, or is replayed with
 other filters or another order, fails verification. Every replica shares the
 secret, so any of them accepts a token another minted.
 
+PAGE_TOKEN_SECRET may hold several keys, separated by commas: tokens are signed
+with the first and accepted under any of them, so the key can be rotated
+without breaking the walks in progress (README, "Rotating the page-token key").
+
 A signature proves who made a token, not that its content is sound: the
 development secret is public, and a leaked one is a secret no more. So what a
 token holds is decoded like any caller input, into a position typed for the
@@ -51,14 +55,20 @@ class _Invalid(Exception):
 
 
 class PageTokens:
-    def __init__(self, key: bytes) -> None:
-        self._key = key
+    def __init__(self, *keys: bytes) -> None:
+        """`keys[0]` signs the tokens minted here; a token signed with any of `keys` is accepted."""
+        if not keys:
+            raise ValueError("PageTokens needs at least one key")
+        self._keys = keys
+
+    def __repr__(self) -> str:  # never the keys themselves
+        return f"PageTokens(<{len(self._keys)} key(s)>)"
 
     def mint(self, filters: ListFilters, position: Position) -> str:
         payload = json.dumps(
             [_VERSION, _encode_key(position.key), str(position.id)], separators=(",", ":"), ensure_ascii=False
         ).encode()
-        return f"{_b64encode(payload)}.{_b64encode(self._mac(filters.fingerprint(), payload))}"
+        return f"{_b64encode(payload)}.{_b64encode(self._mac(self._keys[0], filters.fingerprint(), payload))}"
 
     def read(self, token: str, filters: ListFilters) -> Position:
         """The position a token carries; INVALID_ARGUMENT if it was not minted for these
@@ -68,7 +78,7 @@ class PageTokens:
                 raise _Invalid("too long")
             encoded_payload, encoded_mac = token.split(".")
             payload = _b64decode(encoded_payload)
-            if not hmac.compare_digest(_b64decode(encoded_mac), self._mac(filters.fingerprint(), payload)):
+            if not self._signed(_b64decode(encoded_mac), filters.fingerprint(), payload):
                 raise _Invalid("bad signature")
             return _position(payload, by_name=filters.sorts_by_name)
         except (_Invalid, ValueError, RecursionError):
@@ -78,9 +88,18 @@ class PageTokens:
                 "invalid page token: it was altered, or belongs to a call with other filters or order_by",
             ) from None
 
-    def _mac(self, fingerprint: str, payload: bytes) -> bytes:
+    def _signed(self, mac: bytes, fingerprint: str, payload: bytes) -> bool:
+        """Whether `mac` is the signature under one of the keys; every key is tried, each in
+        constant time, so the time taken depends on the number of keys only."""
+        found = False
+        for key in self._keys:
+            found |= hmac.compare_digest(mac, self._mac(key, fingerprint, payload))
+        return found
+
+    @staticmethod
+    def _mac(key: bytes, fingerprint: str, payload: bytes) -> bytes:
         message = fingerprint.encode() + b"\0" + payload
-        return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC_BYTES]
+        return hmac.new(key, message, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
 def _encode_key(key: datetime | str) -> int | str:

@@ -12,6 +12,10 @@ in one process (the tests) never share one. Spans go to the OTLP/gRPC
 exporter, which reads the standard OTEL_EXPORTER_OTLP_* variables (endpoint,
 headers, certificate); OTEL_SERVICE_NAME names the service (default
 "adaccounts"). The packages are the optional `tracing` extra.
+
+Records logged while a span is current (the call's log line, and anything
+logged during the call) carry its trace id as `trace_id` (logs.enable_trace_ids),
+so log lines and traces find each other.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 from typing import Any
 
+from . import logs
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ class Tracing:
         self.provider = TracerProvider(resource=resource)
         self.provider.add_span_processor(BatchSpanProcessor(exporter_for(settings)))
         self.interceptor = aio_server_interceptor(tracer_provider=self.provider)
+        logs.enable_trace_ids()
 
     def sql_tracer(self) -> Any:
         """The tracer of the database's statement spans."""

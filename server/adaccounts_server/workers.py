@@ -55,9 +55,7 @@ def run(settings: Settings, workers: int, configure_logging: Callable[[str, str]
     stopping = False
 
     def start(index: int) -> BaseProcess:
-        own = settings
-        if settings.METRICS_PORT:  # one metrics endpoint per worker: METRICS_PORT + index
-            own = settings.model_copy(update={"METRICS_PORT": settings.METRICS_PORT + index})
+        own = settings.model_copy(update={"METRICS_PORT": metrics_port(settings.METRICS_PORT, index)})
         process = context.Process(
             target=_worker_main,
             args=(own, configure_logging),
@@ -121,6 +119,13 @@ def run(settings: Settings, workers: int, configure_logging: Callable[[str, str]
             started[index] = time.monotonic()
     log.info("all workers stopped")
     return 1 if failed else 0
+
+
+def metrics_port(base: int | None, index: int) -> int | None:
+    """Where worker `index` serves /metrics: METRICS_PORT + index, one endpoint per worker (the
+    Deployment declares each as a container port, the PodMonitor scrapes each); unset stays
+    unset, and 0 (any free port) stays 0."""
+    return base + index if base else base
 
 
 def _claim_port(host: str, port: int) -> int:

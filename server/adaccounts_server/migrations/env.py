@@ -1,16 +1,20 @@
 """Alembic environment: the URL comes from the server's own settings (one source of truth).
 
 `adaccounts migrate` passes the URL (MIGRATION_DATABASE_URL, else DATABASE_URL) and
-its limits in; plain `alembic` (for developers, e.g. `alembic revision --autogenerate
--m ...`) reads them from the same settings. On PostgreSQL every run holds the migrate
-advisory lock and runs under lock_timeout / statement_timeout (see
-adaccounts_server.migrate); each revision commits on its own.
+its limits in; plain `alembic` from the checkout (alembic.ini, for developers: e.g.
+`alembic revision --autogenerate -m ...`, `alembic current`) reads them from the same
+settings, and needs nothing but the URL: the serving settings (PAGE_TOKEN_SECRET, TLS,
+tokens) are not checked. On PostgreSQL every run holds the migrate advisory lock and runs
+under lock_timeout / statement_timeout (see adaccounts_server.migrate); each revision
+commits on its own.
 """
 
 from __future__ import annotations
 
+import sys
+
 from adaccounts_server import models  # noqa: F401  (registers the tables)
-from adaccounts_server.config import load_settings
+from adaccounts_server.config import SettingsError, load_settings
 from adaccounts_server.migrate import (
     MigrationOptions,
     MigrationRun,
@@ -26,7 +30,11 @@ target_metadata = SQLModel.metadata
 config = context.config
 
 if "url" not in config.attributes:  # plain `alembic`: the same settings as `adaccounts migrate`
-    _settings = load_settings()
+    try:
+        _settings = load_settings(serving=False)
+    except SettingsError as error:
+        print(f"alembic: invalid setting {error}", file=sys.stderr)  # one line, as `adaccounts migrate`
+        raise SystemExit(2) from None
     config.attributes["url"] = _settings.migration_database_url
     config.attributes["options"] = MigrationOptions.from_settings(_settings)
 url = config.attributes["url"]
