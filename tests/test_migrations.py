@@ -2,7 +2,8 @@
 statement timeouts, failing in one line with an exit code that says what happened; the
 models and the migrations in agreement; every revision reversible; the offline SQL; the
 second migration (indexes built CONCURRENTLY) on a populated, busy table; the schema gate
-in the health monitor; and the two database roles the README tells operators to create.
+in the health monitor; the third (the request ids of CreateAdAccount in a table of their
+own) backfilled in batches; and the two database roles the README tells operators to create.
 
 All against real PostgreSQL: a fresh database per test on the shared server.
 """
@@ -30,6 +31,7 @@ from adaccounts_server import models
 from adaccounts_server.config import load_settings
 from adaccounts_server.migrate import (
     ADVISORY_LOCK_KEY,
+    MIGRATIONS_DIR,
     MigrationBusy,
     MigrationOptions,
     downgrade_to,
@@ -58,7 +60,8 @@ from sqlmodel import SQLModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ADACCOUNTS = shutil.which("adaccounts", path=str(Path(sys.executable).parent)) or shutil.which("adaccounts")
-HEAD = "0002"
+HEAD = "0003"
+INDEX_REVISION = "0002"  # the CONCURRENTLY index builds
 NEW_INDEXES = ("ix_ad_accounts_owner_id_update_time_id", "ix_ad_accounts_owner_id_name_id")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -173,9 +176,11 @@ def populate(url: URL, rows: int, owners: int = 250) -> None:
 
 
 def test_revisions_are_linear_and_head_is_the_newest() -> None:
-    assert revisions() == ["0001", HEAD]
+    assert revisions() == ["0001", "0002", HEAD]
     assert head_revision() == HEAD
-    for path in (ROOT / "migrations" / "versions").glob("*.py"):
+    files = sorted((MIGRATIONS_DIR / "versions").glob("*.py"))
+    assert [path.name.split("_")[0] for path in files] == revisions()
+    for path in files:
         assert path.name.split("_")[0] in revisions(), f"{path.name}: file name should start with its revision"
 
 
@@ -205,8 +210,12 @@ def test_the_drift_check_would_notice_a_difference(database_url: URL) -> None:
 
 def test_upgrade_downgrade_upgrade_on_postgresql(fresh_db: URL) -> None:
     first = upgrade_to_head(fresh_db)
-    assert first.before == () and first.applied == ["0001", HEAD]
+    assert first.before == () and first.applied == ["0001", "0002", HEAD]
     assert no_diff(fresh_db) == []
+
+    downgrade_to(fresh_db, "0002")
+    assert version(fresh_db) == ["0002"]
+    assert query(fresh_db, "SELECT to_regclass('ad_account_requests')") == [(None,)]
 
     downgrade_to(fresh_db, "0001")
     assert version(fresh_db) == ["0001"]
@@ -217,7 +226,7 @@ def test_upgrade_downgrade_upgrade_on_postgresql(fresh_db: URL) -> None:
     assert query(fresh_db, "SELECT to_regclass('ad_accounts')") == [(None,)]
 
     again = upgrade_to_head(fresh_db)
-    assert again.applied == ["0001", HEAD]
+    assert again.applied == ["0001", "0002", HEAD]
     assert version(fresh_db) == [HEAD]
     assert all(indexes(fresh_db).values())
     assert no_diff(fresh_db) == []
@@ -239,7 +248,7 @@ def test_migrate_uses_migration_database_url_and_reports_what_it_applied(fresh_d
     # The Job sets only MIGRATION_DATABASE_URL (no DATABASE_URL, no PAGE_TOKEN_SECRET).
     first = run("migrate", MIGRATION_DATABASE_URL=migrate_url(fresh_db))
     assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.strip().endswith(f"is at the current schema ({HEAD}); applied 0001, {HEAD}")
+    assert first.stdout.strip().endswith(f"is at the current schema ({HEAD}); applied 0001, 0002, {HEAD}")
     assert "M1gr4t0rS3cret" not in first.stdout + first.stderr
 
     # The server's own URL points nowhere: migrate must not use it when MIGRATION_DATABASE_URL is set.
@@ -278,6 +287,31 @@ def test_migration_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert (options.lock_timeout_s, options.statement_timeout_s, options.wait_s) == (1.5, 30, 600)
 
 
+def test_plain_alembic_from_the_checkout_needs_only_the_database_url(fresh_db: URL) -> None:
+    # For developers: alembic.ini at the root, env.py reading the server's settings; no
+    # PAGE_TOKEN_SECRET or any other serving setting, and an invalid one is not its business.
+    alembic = shutil.which("alembic", path=str(Path(sys.executable).parent)) or shutil.which("alembic")
+    assert alembic, "alembic is not installed next to this interpreter"
+    env = without_settings(dict(os.environ))
+    env.update(DATABASE_URL=migrate_url(fresh_db), GRPC_TLS="tls", AUTH_TOKENS="{not json")
+
+    def alembic_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([alembic, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    upgrade_to_head(fresh_db)
+    current = alembic_run("current")
+    assert current.returncode == 0, current.stdout + current.stderr
+    assert current.stdout.strip() == f"{HEAD} (head)"
+    assert "Traceback" not in current.stderr and "M1gr4t0rS3cret" not in current.stdout + current.stderr
+
+    env["DATABASE_URL"] = "mysql://root:Pa55word1234@db/x"  # what it does check: the URL, in one line
+    refused = alembic_run("current")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "alembic: invalid setting DATABASE_URL: unsupported database 'mysql' (postgresql or sqlite)"
+    )
+
+
 def test_concurrent_migrates_all_exit_0_and_apply_each_revision_once(fresh_db: URL) -> None:
     # Hold the migrate lock until all three are connected and waiting for it, so they truly race.
     holder = connect(fresh_db)
@@ -310,10 +344,11 @@ def test_concurrent_migrates_all_exit_0_and_apply_each_revision_once(fresh_db: U
     codes = [p.returncode for p, _, _ in results]
     assert codes == [0, 0, 0], results
     stdouts = sorted(out.strip().split("; ")[-1] for _, out, _ in results)
-    assert stdouts == [f"applied 0001, {HEAD}", "nothing to apply", "nothing to apply"], stdouts
+    assert stdouts == [f"applied 0001, 0002, {HEAD}", "nothing to apply", "nothing to apply"], stdouts
     logs = "".join(err for _, _, err in results)
     assert logs.count("Running upgrade  -> 0001") == 1
-    assert logs.count(f"Running upgrade 0001 -> {HEAD}") == 1
+    assert logs.count("Running upgrade 0001 -> 0002") == 1
+    assert logs.count(f"Running upgrade 0002 -> {HEAD}") == 1
     assert version(fresh_db) == [HEAD]
     assert all(indexes(fresh_db).values())
     print(f"\n3 concurrent migrates: exit codes {codes}, all done {elapsed:.2f} s after the lock was released")
@@ -358,7 +393,10 @@ def test_a_migration_waiting_on_a_busy_table_fails_fast_and_a_retry_completes(fr
         writer.close()
     assert result.returncode == 3, result.stdout + result.stderr
     line = failure_line(result)
-    assert f"revision {HEAD} waited more than 1 s for a lock on a table in use (MIGRATION_LOCK_TIMEOUT_S)" in line
+    assert (
+        f"revision {INDEX_REVISION} waited more than 1 s for a lock on a table in use (MIGRATION_LOCK_TIMEOUT_S)"
+        in line
+    )
     assert "M1gr4t0rS3cret" not in result.stdout + result.stderr
     assert elapsed < 6, f"took {elapsed:.1f} s"
     assert version(fresh_db) == ["0001"]
@@ -419,6 +457,8 @@ def test_migrate_sql_prints_the_script_without_connecting_and_psql_can_apply_it(
     assert f"SELECT pg_advisory_lock({ADVISORY_LOCK_KEY})" in sql
     assert "SET lock_timeout = 5000" in sql and "SET statement_timeout = 60000" in sql
     assert "CREATE TABLE ad_accounts" in sql
+    assert "CREATE TABLE IF NOT EXISTS ad_account_requests" in sql
+    assert "INSERT INTO ad_account_requests" in sql  # the backfill, in one statement offline
     for name in NEW_INDEXES:
         assert f"CREATE INDEX CONCURRENTLY {name} ON ad_accounts" in sql
 
@@ -486,7 +526,7 @@ def test_concurrent_index_build_on_a_populated_table_does_not_block_writes(fresh
         stop.set()
         thread.join(10)
     assert not errors, errors
-    assert result.applied == [HEAD]
+    assert result.applied == [INDEX_REVISION, HEAD]
     found = indexes(fresh_db)
     assert set(NEW_INDEXES) <= set(found) and all(found.values()), found
     assert len(latencies) > 20
@@ -502,9 +542,130 @@ def test_concurrent_index_build_on_a_populated_table_does_not_block_writes(fresh
         )
         assert index in plan, plan
     print(
-        f"\n0002 on {rows} rows: {took:.2f} s, {len(latencies)} concurrent writes, "
+        f"\n0002 and 0003 on {rows} rows: {took:.2f} s, {len(latencies)} concurrent writes, "
         f"slowest {max(latencies) * 1000:.1f} ms"
     )
+
+
+# --- the third migration: the request ids backfilled ------------------------------------
+
+
+def requests_and_accounts(url: URL) -> tuple[int, int, int]:
+    """(request rows, accounts with a request_id, request rows that match their account exactly)."""
+    ((requests,),) = query(url, "SELECT count(*) FROM ad_account_requests")
+    ((accounts,),) = query(url, "SELECT count(*) FROM ad_accounts WHERE request_id IS NOT NULL")
+    ((matching,),) = query(
+        url,
+        "SELECT count(*) FROM ad_account_requests r JOIN ad_accounts a ON a.request_id = r.request_id "
+        "AND a.id = r.account_id AND a.create_time = r.create_time WHERE r.request_hash IS NULL",
+    )
+    return requests, accounts, matching
+
+
+def test_0003_backfills_the_request_ids_in_batches_while_writes_go_on(fresh_db: URL) -> None:
+    rows = 25_000  # 12,500 with a request_id: more than one batch
+    upgrade_to(fresh_db, INDEX_REVISION)
+    populate(fresh_db, rows)
+    query(fresh_db, "UPDATE ad_accounts SET request_id = gen_random_uuid() WHERE external_id ~ '[02468]$'")
+    stop = threading.Event()
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def writes() -> None:  # an old release's traffic: updates, and creates with a request_id
+        connection = connect(fresh_db)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SET statement_timeout = 5000")
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    started = time.monotonic()
+                    cursor.execute(
+                        "UPDATE ad_accounts SET version = version + 1 WHERE external_id = %s", (f"act_{n % rows + 1}",)
+                    )
+                    cursor.execute(
+                        "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, "
+                        "time_zone, status, create_time, update_time, version, request_id) VALUES "
+                        "(gen_random_uuid(), gen_random_uuid(), 'META', %s, 'x', 'EUR', 'UTC', 'ACTIVE', now(), "
+                        "now(), 1, gen_random_uuid())",
+                        (f"new_{n}",),
+                    )
+                    latencies.append(time.monotonic() - started)
+                    time.sleep(0.005)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=writes)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        result = upgrade_to_head(fresh_db)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not errors, errors
+    assert result.applied == [HEAD]
+    assert len(latencies) > 10
+    assert max(latencies) < 1.0, f"a write waited {max(latencies):.2f} s during the backfill"
+    requests, accounts, matching = requests_and_accounts(fresh_db)
+    # Every account that had a request_id when the backfill started has its request row, exact
+    # (an old pod's create after that may not: the server falls back to ad_accounts.request_id).
+    assert requests == matching >= rows // 2, (requests, accounts, matching)
+    assert accounts - requests <= len(latencies)
+    assert no_diff(fresh_db) == []
+    slowest = max(latencies) * 1000
+    print(f"\n0003 backfilled {requests} request ids in {took:.2f} s, slowest concurrent write {slowest:.1f} ms")
+
+    downgrade_to(fresh_db, INDEX_REVISION)
+    assert query(fresh_db, "SELECT to_regclass('ad_account_requests')") == [(None,)]
+    ((left,),) = query(fresh_db, "SELECT count(*) FROM ad_accounts WHERE request_id IS NOT NULL")
+    assert left == accounts, "the downgrade must not touch ad_accounts"
+
+
+def test_0003_interrupted_half_way_is_completed_by_a_retry(fresh_db: URL) -> None:
+    # A backfill batch that fails (a timeout, a killed Job) leaves the table and some rows
+    # behind, committed, with alembic_version still at 0002: the retry must finish the job.
+    upgrade_to(fresh_db, INDEX_REVISION)
+    populate(fresh_db, 1000)
+    query(fresh_db, "UPDATE ad_accounts SET request_id = gen_random_uuid()")
+    upgrade_to_head(fresh_db)
+    query(
+        fresh_db,
+        "DELETE FROM ad_account_requests WHERE request_id IN (SELECT request_id FROM ad_account_requests LIMIT 400)",
+    )
+    query(fresh_db, f"UPDATE alembic_version SET version_num = '{INDEX_REVISION}'")
+
+    retry = run("migrate", MIGRATION_DATABASE_URL=migrate_url(fresh_db))
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert version(fresh_db) == [HEAD]
+    assert requests_and_accounts(fresh_db) == (1000, 1000, 1000)
+
+
+def test_0003_backfills_on_sqlite(tmp_path: Path) -> None:
+    import sqlite3
+
+    url = make_url(f"sqlite:///{tmp_path / 'adaccounts.db'}")
+    upgrade_to(url, INDEX_REVISION)
+    with sqlite3.connect(tmp_path / "adaccounts.db") as connection:
+        for n, request_id in enumerate([uuid.uuid4().hex, None, uuid.uuid4().hex]):
+            connection.execute(
+                "INSERT INTO ad_accounts VALUES (?, ?, 'META', ?, 'x', 'EUR', 'UTC', 'ACTIVE', "
+                "'2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000', 1, ?)",
+                (uuid.uuid4().hex, uuid.uuid4().hex, f"act_{n}", request_id),
+            )
+    upgrade_to_head(url)
+    assert no_diff(url) == []
+    with sqlite3.connect(tmp_path / "adaccounts.db") as connection:
+        copied = connection.execute(
+            "SELECT count(*) FROM ad_account_requests r JOIN ad_accounts a ON a.request_id = r.request_id "
+            "AND a.id = r.account_id AND a.create_time = r.create_time WHERE r.request_hash IS NULL"
+        ).fetchone()
+        assert copied == (2,)
+        assert connection.execute("SELECT count(*) FROM ad_account_requests").fetchone() == (2,)
 
 
 # --- the schema gate -----------------------------------------------------------------------
@@ -520,7 +681,7 @@ def schema_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.endswith(".health") and "schema" in r.getMessage()]
 
 
-@pytest.mark.parametrize("at", ["none", "0001"])
+@pytest.mark.parametrize("at", ["none", "0001", "0002"])
 def test_a_server_on_a_database_behind_the_code_is_not_ready_until_migrated(
     fresh_db: URL, at: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -548,7 +709,7 @@ def test_a_server_on_a_database_ahead_of_the_code_keeps_serving(fresh_db: URL, c
     # A newer release migrated, then the app was rolled back: expand/contract keeps old code working.
     caplog.set_level(logging.INFO, logger="adaccounts_server.health")
     upgrade_to_head(fresh_db)
-    query(fresh_db, "UPDATE alembic_version SET version_num = '0003'")
+    query(fresh_db, "UPDATE alembic_version SET version_num = '0004'")
     server = RunningServer(server_settings(fresh_db))
     try:
         wait_until(lambda: health(server.target) == SERVING, 10, message="SERVING")
@@ -557,7 +718,7 @@ def test_a_server_on_a_database_ahead_of_the_code_keeps_serving(fresh_db: URL, c
             created = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
             assert stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id), timeout=5) == created
         assert schema_lines(caplog) == [
-            f"health: SERVING (database schema at 0003, newer than this code's {HEAD} "
+            f"health: SERVING (database schema at 0004, newer than this code's {HEAD} "
             "(a newer release migrated it; migrations are backward compatible))"
         ]
     finally:
@@ -565,7 +726,7 @@ def test_a_server_on_a_database_ahead_of_the_code_keeps_serving(fresh_db: URL, c
     # ... while the old release's migrate refuses to touch a schema it does not know.
     result = run("migrate", MIGRATION_DATABASE_URL=migrate_url(fresh_db))
     assert result.returncode == 1
-    assert "revision 0003, which this code does not know" in failure_line(result)
+    assert "revision 0004, which this code does not know" in failure_line(result)
 
 
 # --- the two roles of the README -----------------------------------------------------------

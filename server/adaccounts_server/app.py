@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +38,8 @@ _HEALTH_MAX_MESSAGE_BYTES = 1024
 _HEALTH_MAX_CONCURRENT_STREAMS = 16
 # How long calls cut short at the end of the grace may take to send their UNAVAILABLE.
 _CUT_SHORT_WAIT_S = 1.0
+# How often request ids older than REQUEST_ID_RETENTION_S are forgotten.
+_FORGET_REQUESTS_INTERVAL_S = 60.0
 
 
 class App:
@@ -46,9 +49,11 @@ class App:
         self.settings = settings
         self.reuse_port = reuse_port
         self.database = open_database(settings)
+        self.repository = AdAccountRepository(self.database)
         self.service = AdAccountService(
-            AdAccountRepository(self.database), PageTokens(settings.page_token_key), settings.MAX_CONCURRENT_RPCS
+            self.repository, PageTokens(*settings.page_token_keys), settings.MAX_CONCURRENT_RPCS
         )
+        self._forgetting: asyncio.Task[None] | None = None
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
         self.tracing = Tracing(settings) if settings.TRACING != "off" else None
         if self.tracing is not None:
@@ -153,6 +158,8 @@ class App:
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(settings.GRPC_HOST, settings.METRICS_PORT or 0)
             log.info("metrics on http://%s:%d/metrics", settings.GRPC_HOST, self.metrics_port)
+        # Forgets request ids past REQUEST_ID_RETENTION_S; cancelled by stop() before the database closes.
+        self._forgetting = asyncio.create_task(self._forget_requests(), name="forget-request-ids")
         # Publish NOT_SERVING before the port opens: gRPC's health servicer
         # would otherwise answer SERVING for "" until the first ping.
         await self.monitor.start()
@@ -188,12 +195,32 @@ class App:
             await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+            await asyncio.wait([self._forgetting])
         await self.database.close()
         if self.metrics is not None:
             self.metrics.stop()
         if self.tracing is not None:
             self.tracing.stop()
         log.info("stopped")
+
+    async def _forget_requests(self) -> None:
+        """Once a minute, forget the request ids older than REQUEST_ID_RETENTION_S (every worker
+        does; they share the work). Skipped while the database is not SERVING (down, or its
+        schema behind); a failure is one WARNING naming its type, never its message (SQL)."""
+        retention = timedelta(seconds=self.settings.REQUEST_ID_RETENTION_S)
+        while True:
+            await asyncio.sleep(_FORGET_REQUESTS_INTERVAL_S)
+            if not self.monitor.serving:
+                continue
+            try:
+                forgotten = await self.repository.forget_requests(datetime.now(UTC) - retention)
+            except Exception as error:
+                log.warning("forgetting old request ids failed (%s); retrying in a minute", type(error).__name__)
+                continue
+            if forgotten:
+                log.info("forgot %d request id(s) older than REQUEST_ID_RETENTION_S", forgotten)
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully."""

@@ -7,6 +7,8 @@ names the offending field in a google.rpc.BadRequest field violation.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import unicodedata
 import uuid
@@ -208,6 +210,27 @@ class NewAccount:
     currency_code: str
     time_zone: str
     status: models.Status
+
+    def request_hash(self) -> bytes:
+        """SHA-256 of the account to create, in a canonical form: what a request_id is bound to
+        (AIP-155). Two requests that create the same account hash the same however they were
+        written (an id's case, a currency's case, the default status left out or spelled out);
+        any difference in what would be created gives another hash."""
+        canonical = json.dumps(
+            [
+                "adaccounts.v1.CreateAdAccount/1",  # the form's version, should it ever change
+                str(self.owner_id),
+                self.platform.value,
+                self.external_id,
+                self.name,
+                self.currency_code,
+                self.time_zone,
+                self.status.value,
+            ],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).digest()
 
 
 def parse_create(request: pb.CreateAdAccountRequest) -> tuple[NewAccount, uuid.UUID | None]:

@@ -1,4 +1,4 @@
-"""The ad_accounts table. The Alembic migrations must agree with it (a test checks)."""
+"""The tables: ad_accounts and ad_account_requests. The Alembic migrations must agree with them (a test checks)."""
 
 from __future__ import annotations
 
@@ -70,5 +70,24 @@ class AdAccount(SQLModel, table=True):
     update_time: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
     # Bumped by every change; the etag is derived from it.
     version: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
-    # The CreateAdAccount request_id that created this row (AIP-155), if any.
+    # The CreateAdAccount request_id that created this row (AIP-155), if any. Still written, for
+    # the releases before ad_account_requests (migration 0003) that look request ids up here;
+    # cleared when the request id is forgotten. ad_account_requests is what this code reads.
     request_id: uuid.UUID | None = Field(default=None, sa_column=sa.Column(sa.Uuid, nullable=True))
+
+
+class AdAccountRequest(SQLModel, table=True):
+    """A CreateAdAccount request_id and what it created (AIP-155), kept for
+    REQUEST_ID_RETENTION_S after the request, whatever becomes of the account since."""
+
+    __tablename__ = "ad_account_requests"
+    __table_args__ = (sa.Index("ix_ad_account_requests_create_time", "create_time"),)
+
+    request_id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, primary_key=True))
+    # The account the request created. No foreign key: the request outlives the account, so
+    # that a retry after a delete is answered NOT_FOUND rather than creating it again.
+    account_id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, nullable=False))
+    # SHA-256 of the request's content (convert.NewAccount.request_hash); NULL for the requests
+    # backfilled from ad_accounts.request_id, made before their content was recorded.
+    request_hash: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
+    create_time: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))

@@ -17,22 +17,52 @@ from typing import Any
 import sqlalchemy as sa
 
 from .convert import ListFilters, NewAccount, Update, as_utc, etag_of
-from .db import AnyOf, CallScope, Database, Row, Transaction, UniqueViolation
-from .errors import Aborted, AlreadyExists, NotFound
-from .models import AdAccount
+from .db import NO_DEADLINE, AnyOf, CallScope, Database, Row, Transaction, UniqueViolation
+from .errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from .models import AdAccount, AdAccountRequest
 from .page_tokens import Position
 
 TABLE = AdAccount.__table__
 T = TABLE.c  # columns, for building queries
+REQUESTS = AdAccountRequest.__table__
+R = REQUESTS.c
 
 # Statements built once: each is compiled once and reused.
 _GET = sa.select(TABLE).where(T.id == sa.bindparam("id"))
 _BATCH_GET = sa.select(TABLE).where(AnyOf(T.id, "ids"))
+# A request id's record and the account it created as it is now (the account's columns all
+# NULL once it was deleted).
+_REQUEST = (
+    sa.select(R.account_id.label("request_account_id"), R.request_hash, *TABLE.c)
+    .select_from(REQUESTS.outerjoin(TABLE, T.id == R.account_id))
+    .where(R.request_id == sa.bindparam("request_id"))
+)
+# A request made by a release before ad_account_requests (a rolling deploy's old pods), known
+# only by the account it created.
 _BY_REQUEST_ID = sa.select(TABLE).where(T.request_id == sa.bindparam("request_id"))
 _BY_EXTERNAL_ID = sa.select(T.id).where(
     T.platform == sa.bindparam("platform"), T.external_id == sa.bindparam("external_id")
 )
 _INSERT = sa.insert(TABLE).returning(*TABLE.c)
+_INSERT_REQUEST = sa.insert(REQUESTS)
+# Forgetting: the oldest requests past the retention, a batch at a time; SKIP LOCKED so that
+# several replicas forgetting at once share the work instead of queueing on each other's rows
+# (SQLite, one connection, has no such clause and needs none).
+_FORGET_BATCH = 1000
+_FORGET = (
+    sa.delete(REQUESTS)
+    .where(
+        R.request_id.in_(
+            sa.select(R.request_id)
+            .where(R.create_time < sa.bindparam("older_than"))
+            .order_by(R.create_time)
+            .limit(sa.bindparam("limit"))
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .returning(R.request_id)
+)
+_FORGET_IN_ACCOUNTS = sa.update(TABLE).where(AnyOf(T.request_id, "request_ids")).values(request_id=sa.null())
 _LOCK = sa.select(TABLE).where(T.id == sa.bindparam("id")).with_for_update()
 # Bound as set_<column> (SQLAlchemy reserves the columns' own names in SET).
 _SETS = ("name", "currency_code", "time_zone", "status", "version", "update_time")
@@ -141,11 +171,14 @@ class AdAccountRepository:
         return rows, Position(as_utc(last_key) if isinstance(last_key, datetime) else last_key, rows[-1].id)
 
     async def create(self, new: NewAccount, request_id: uuid.UUID | None, scope: CallScope) -> Row:
-        """Insert the account; with a request_id already used, return what that request created."""
+        """Insert the account. With a request_id already used (AIP-155): the account that request
+        created as it is now, NOT_FOUND if it was deleted since (it is never created again), or
+        INVALID_ARGUMENT if the request_id came with a different request."""
+        request_hash = new.request_hash() if request_id is not None else None
         if request_id is not None:
-            existing = await self._db.fetch(_BY_REQUEST_ID, {"request_id": request_id}, scope)
-            if existing:
-                return existing[0]
+            rows = await self._db.fetch(_REQUEST, {"request_id": request_id}, scope)
+            if rows:
+                return _answer_retry(rows[0], request_hash)
         now = _now()
         values = {
             "id": uuid.uuid4(),
@@ -163,11 +196,25 @@ class AdAccountRepository:
         }
         try:
             async with self._db.transaction(scope) as transaction:
+                if request_id is not None:
+                    # First: a concurrent request with the same id waits here for this one's outcome.
+                    await transaction.fetch(
+                        _INSERT_REQUEST,
+                        {
+                            "request_id": request_id,
+                            "account_id": values["id"],
+                            "request_hash": request_hash,
+                            "create_time": now,
+                        },
+                    )
                 (row,) = await transaction.fetch(_INSERT, values)
         except UniqueViolation:
-            # Lost a race: either the same request retried concurrently, or the
-            # (platform, external_id) pair is taken.
+            # Lost a race: the same request_id used concurrently, or the (platform, external_id)
+            # pair is taken; or the request_id is that of a request made by an older release.
             if request_id is not None:
+                rows = await self._db.fetch(_REQUEST, {"request_id": request_id}, scope)
+                if rows:
+                    return _answer_retry(rows[0], request_hash)
                 existing = await self._db.fetch(_BY_REQUEST_ID, {"request_id": request_id}, scope)
                 if existing:
                     return existing[0]
@@ -181,6 +228,22 @@ class AdAccountRepository:
                 f"already exists: {taken[0].id}"
             ) from None
         return row
+
+    async def forget_requests(self, older_than: datetime, scope: CallScope = NO_DEADLINE) -> int:
+        """Forget the request ids of requests made before `older_than` (REQUEST_ID_RETENTION_S):
+        a request_id reused after that creates a new account. A batch per transaction; each also
+        clears the ids from ad_accounts.request_id, where older releases look them up and whose
+        unique constraint would otherwise refuse the new account. Returns how many were forgotten."""
+        forgotten = 0
+        while True:
+            async with self._db.transaction(scope) as transaction:
+                rows = await transaction.fetch(_FORGET, {"older_than": older_than, "limit": _FORGET_BATCH})
+                if rows:
+                    request_ids = [row.request_id for row in rows]
+                    await transaction.fetch(_FORGET_IN_ACCOUNTS, {"request_ids": request_ids})
+            forgotten += len(rows)
+            if len(rows) < _FORGET_BATCH:
+                return forgotten
 
     async def update(self, update: Update, scope: CallScope) -> Row:
         """Apply the changes under a row lock; an update that changes nothing bumps nothing."""
@@ -201,6 +264,19 @@ class AdAccountRepository:
         async with self._db.transaction(scope) as transaction:
             await _locked(transaction, account_id, etag)
             await transaction.fetch(_DELETE, {"id": account_id})
+
+
+def _answer_retry(request: Row, request_hash: bytes | None) -> Row:
+    """What a request with a request_id already used gets: the account that request created,
+    as it is now. A request recorded without its content (before migration 0003) is taken for
+    the same request."""
+    if request.request_hash is not None and request.request_hash != request_hash:
+        raise InvalidArgument.field(
+            "request_id", "already used for a different request; send a new request_id for a new account"
+        )
+    if request.id is None:
+        raise NotFound(f"the ad account this request created ({request.request_account_id}) has since been deleted")
+    return request
 
 
 async def _locked(transaction: Transaction, account_id: uuid.UUID, etag: str) -> Row:
