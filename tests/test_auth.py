@@ -87,8 +87,12 @@ def created(stub) -> pb.AdAccount:
         (("authorization", READER),),  # no scheme
         (("authorization", f"Basic {READER}"),),
         (("authorization", "Bearer "),),
+        # Two values are refused whatever they are: which one would count is ambiguous.
+        (*bearer(WRITER), *bearer(READER)),
+        (*bearer(READER), *bearer(WRITER)),
+        (*bearer(WRITER), *bearer(WRITER)),
     ],
-    ids=["none", "unknown", "altered", "no-scheme", "basic", "empty"],
+    ids=["none", "unknown", "altered", "no-scheme", "basic", "empty", "two", "two-reversed", "same-twice"],
 )
 def test_missing_or_wrong_token_is_unauthenticated_on_every_rpc(auth_channel, metadata):
     stub = pb_grpc.AdAccountServiceStub(auth_channel)
@@ -131,6 +135,19 @@ def test_permission_denied_names_the_caller_and_what_it_lacks(auth_channel):
         stub.DeleteAdAccount(pb.DeleteAdAccountRequest(id=str(uuid.uuid4())), metadata=bearer(READER), timeout=5)
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "billing" in raised.value.details() and "read-write" in raised.value.details()
+
+
+def test_two_authorization_values_are_refused_saying_so(auth_channel):
+    """A client that sends its default token beside a narrower one for the call must not get
+    whichever the server happens to read first (a read-write token let a write through)."""
+    stub = pb_grpc.AdAccountServiceStub(auth_channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.CreateAdAccount(
+            pb.CreateAdAccountRequest(ad_account=new_account()), metadata=(*bearer(WRITER), *bearer(READER)), timeout=5
+        )
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "one authorization value" in raised.value.details()
+    assert list(stub.ListAdAccounts(pb.ListAdAccountsRequest(), metadata=bearer(WRITER)).ad_accounts) == []
 
 
 def test_health_and_reflection_need_no_token(auth_channel):

@@ -5,10 +5,14 @@ test_client_aio.py; the install without the server's dependencies: test_client_i
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
+import json
+import re
 import socket
 import subprocess
+import time
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -27,22 +31,28 @@ from adaccounts import (
     PLATFORM_TIKTOK,
     STATUS_ACTIVE,
     STATUS_PAUSED,
+    Aborted,
     AdAccountsClient,
     AdAccountsError,
     AlreadyExists,
     AsyncAdAccountsClient,
+    ClientClosed,
     Conflict,
+    ConnectionFailed,
     DeadlineExceeded,
     FieldViolation,
+    Internal,
     InvalidArgument,
     NotFound,
-    RetryPolicy,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     tls_credentials,
 )
 from adaccounts._common import channel_options
 from adaccounts.v1 import ad_accounts_pb2 as pb
-from conftest import RunningServer, new_account
+from conftest import RunningServer, new_account, test_settings
 from google.rpc import status_pb2
 
 CLIENTS = Path(__file__).resolve().parent.parent / "clients"
@@ -74,6 +84,29 @@ class CallRecorder(grpc.UnaryUnaryClientInterceptor):
 
     def methods(self) -> list[str]:
         return [call.method for call in self.calls]
+
+
+class FakeServer:
+    """A gRPC server on a free loopback port answering every method with `behaviour(request, context)`
+    (bytes in, bytes out): for outcomes the real server cannot be made to produce on demand."""
+
+    def __init__(self, behaviour: Any) -> None:
+        self.behaviour = behaviour
+        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: self.behaviour(request, context))
+
+        class Everything(grpc.GenericRpcHandler):
+            def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                return handler
+
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=4), handlers=[Everything()])
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def __enter__(self) -> FakeServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.stop(None)
 
 
 # --- every method ----------------------------------------------------------------------------
@@ -158,14 +191,14 @@ def test_update_without_a_mask_changes_every_field_that_is_set(client, clean_db)
     assert client.get(created.id) == updated
 
 
-def test_update_and_delete_with_a_stale_etag_raise_conflict(client, clean_db):
+def test_update_and_delete_with_a_stale_etag_raise_aborted(client, clean_db):
     created = client.create(new_account())
     client.update(pb.AdAccount(id=created.id, name="changed"), update_mask=["name"])
     stale = pb.AdAccount(id=created.id, name="mine", etag=created.etag)
-    with pytest.raises(Conflict) as caught:
+    with pytest.raises(Aborted) as caught:
         client.update(stale, update_mask=["name"])
     assert caught.value.code == grpc.StatusCode.ABORTED
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict):  # the same class, by its 1.0 name
         client.delete(created.id, etag=created.etag)
     assert client.get(created.id).name == "changed"
 
@@ -259,12 +292,14 @@ def test_invalid_argument_carries_the_field_violations(client, clean_db):
     assert all(isinstance(v, FieldViolation) and v.description for v in caught.value.field_violations)
 
 
-def test_not_found_already_exists_and_conflict_keep_code_and_details(client, clean_db):
+def test_not_found_already_exists_and_aborted_keep_code_details_and_request_id(client, clean_db):
     missing = str(uuid.uuid4())
     with pytest.raises(NotFound) as not_found:
         client.get(missing)
     assert not_found.value.code == grpc.StatusCode.NOT_FOUND
     assert missing in not_found.value.details
+    assert re.fullmatch(r"[0-9a-f]{32}", not_found.value.request_id or "")
+    assert not_found.value.request_id in str(not_found.value)  # quoted with the message
 
     account = new_account()
     client.create(account)
@@ -273,36 +308,212 @@ def test_not_found_already_exists_and_conflict_keep_code_and_details(client, cle
     assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert account.external_id in exists.value.details
 
-    for error_class in (NotFound, AlreadyExists, Conflict, Unavailable, InvalidArgument, DeadlineExceeded):
-        assert issubclass(error_class, AdAccountsError)
+    assert Conflict is Aborted  # the 1.0 name of the class, kept
 
 
-def test_no_server_raises_unavailable_after_the_retries():
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.1)
-    with AdAccountsClient(f"127.0.0.1:{closed_port()}", retry=policy) as client, pytest.raises(Unavailable) as caught:
+def test_the_request_id_is_the_servers_and_a_callers_own_is_kept(server, clean_db):
+    """The client sends an x-request-id with every call (the caller's own when it gives one); the
+    server logs the call under it and returns it in the trailers, which is what the error carries
+    (a server that made up its own would return that one instead)."""
+    recorder = CallRecorder()
+    with AdAccountsClient(server.target, interceptors=[recorder]) as client:
+        with pytest.raises(NotFound) as generated:
+            client.get(str(uuid.uuid4()))
+        with pytest.raises(NotFound) as own:
+            client.get(str(uuid.uuid4()), metadata=[("x-request-id", "job-42.attempt-1")])
+    sent = [dict(call.metadata)["x-request-id"] for call in recorder.calls]
+    assert generated.value.request_id == sent[0]
+    assert own.value.request_id == sent[1] == "job-42.attempt-1"
+
+
+def test_every_error_class_maps_its_status_and_all_are_adaccounts_errors():
+    by_code = {
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+        grpc.StatusCode.ABORTED: Aborted,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+        grpc.StatusCode.INTERNAL: Internal,
+        grpc.StatusCode.UNAVAILABLE: Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+        grpc.StatusCode.UNIMPLEMENTED: AdAccountsError,
+    }
+    with FakeServer(lambda code=None: None) as fake:
+        for code, error_class in by_code.items():
+            fake.behaviour = lambda request, context, code=code: context.abort(code, f"{code.name} from the fake")
+            with AdAccountsClient(fake.target, retry=None) as client, pytest.raises(AdAccountsError) as caught:
+                client.delete(str(uuid.uuid4()))
+            assert type(caught.value) is error_class, code
+            assert caught.value.code == code
+    assert issubclass(ConnectionFailed, Unavailable)
+    for name in adaccounts.__all__:
+        exported = getattr(adaccounts, name)
+        if isinstance(exported, type) and issubclass(exported, Exception):
+            assert issubclass(exported, AdAccountsError), name
+
+
+def test_internal_carries_the_servers_error_id_and_request_id():
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_trailing_metadata((("x-request-id", "rid-from-server"),))
+        context.abort(grpc.StatusCode.INTERNAL, "internal error (error id 0123456789abcdef)")
+
+    with FakeServer(fail) as fake, AdAccountsClient(fake.target) as client, pytest.raises(Internal) as caught:
         client.get(str(uuid.uuid4()))
+    assert caught.value.error_id == "0123456789abcdef"
+    assert caught.value.request_id == "rid-from-server"
+
+
+def test_no_server_raises_connection_failed_naming_the_cause():
+    """Never reached a server: its own class (an Unavailable), gRPC's reason in the message."""
+    with AdAccountsClient(f"127.0.0.1:{closed_port()}", connect_timeout=0.2) as client:
+        with pytest.raises(ConnectionFailed) as caught:
+            client.get(str(uuid.uuid4()))
+        with pytest.raises(Unavailable):  # what 1.0 callers catch
+            client.delete(str(uuid.uuid4()))
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert caught.value.details
+    assert "Connection refused" in caught.value.details and "never sent" in caught.value.details
     assert caught.value.status is None  # no server, so no google.rpc.Status
+    assert caught.value.request_id is None  # and no request id: it never left the client
 
 
-def test_a_passed_deadline_raises_deadline_exceeded():
-    """wait_for_ready waits for a server up to the deadline, then gives up."""
-    client = AdAccountsClient(f"127.0.0.1:{closed_port()}", wait_for_ready=True, timeout=0.3)
-    with client, pytest.raises(DeadlineExceeded) as caught:
-        client.get(str(uuid.uuid4()))
+def test_a_deadline_passed_at_a_server_raises_deadline_exceeded_with_the_request_id():
+    """Reached a server, which did not answer in time: the outcome is unknown (DeadlineExceeded),
+    and the error names the request id the server saw."""
+    seen: list[str] = []
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append(dict(context.invocation_metadata())["x-request-id"])
+        time.sleep(1.0)
+        return b""
+
+    with FakeServer(slow) as fake, AdAccountsClient(fake.target, timeout=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as caught:
+            client.update(new_account(id=str(uuid.uuid4())))
+        assert time.monotonic() - started < 0.6
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen and caught.value.request_id == seen[0]
 
 
-def test_other_statuses_raise_the_base_class(client, clean_db):
-    """A request over gRPC's 4 MiB limit: RESOURCE_EXHAUSTED has no class of its own."""
-    with pytest.raises(AdAccountsError) as caught:
+def test_resource_exhausted_has_its_class(client, clean_db):
+    """A request over gRPC's 4 MiB limit; overload shedding (MAX_CONCURRENT_RPCS) is the other case."""
+    with pytest.raises(ResourceExhausted) as caught:
         client.create(new_account(name="x" * (5 * 1024 * 1024)))
-    assert type(caught.value) is AdAccountsError
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-# --- deadlines, metadata, options --------------------------------------------------------------
+# --- every failure is an AdAccountsError --------------------------------------------------------
+
+
+def test_a_closed_client_raises_client_closed_from_every_method(server):
+    client = AdAccountsClient(server.target)
+    client.close()
+    account = new_account(id=str(uuid.uuid4()))
+    calls = [
+        lambda: client.get(account.id),
+        lambda: client.batch_get([account.id]),
+        lambda: client.list(),
+        lambda: list(client.iter_ad_accounts()),
+        lambda: client.create(account),
+        lambda: client.update(account),
+        lambda: client.delete(account.id),
+    ]
+    for call in calls:
+        with pytest.raises(ClientClosed) as caught:
+            call()
+        assert caught.value.code == grpc.StatusCode.CANCELLED
+
+
+def test_closing_the_client_cancels_a_call_in_progress_with_client_closed():
+    with FakeServer(lambda request, context: time.sleep(2) or b"") as fake:
+        client = AdAccountsClient(fake.target)
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.get, str(uuid.uuid4()))
+            time.sleep(0.3)
+            client.close()
+            with pytest.raises(ClientClosed):
+                call.result(5)
+
+
+def test_closing_the_client_ends_a_wait_for_a_connection_with_client_closed():
+    client = AdAccountsClient(f"127.0.0.1:{closed_port()}", connect_timeout=10)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.get, str(uuid.uuid4()))
+        time.sleep(0.3)
+        started = time.monotonic()
+        client.close()
+        with pytest.raises(ClientClosed):
+            call.result(5)
+        assert time.monotonic() - started < 1.5
+
+
+def test_a_channel_gone_idle_connects_again_for_the_next_call(server, clean_db):
+    """gRPC drops the connection of a channel unused for grpc.client_idle_timeout_ms (30 min by
+    default); the next call asks for a new one rather than waiting out connect_timeout."""
+    with AdAccountsClient(server.target, options=[("grpc.client_idle_timeout_ms", 1000)]) as client:
+        client.list(page_size=1)
+        time.sleep(2.5)
+        started = time.monotonic()
+        client.list(page_size=1)
+        assert time.monotonic() - started < 1.0
+
+
+def test_bad_enum_names_and_argument_types_raise_invalid_argument_before_sending(server):
+    """The hint says `Platform | str`: the str is the value's name as in the proto, as the
+    generated messages take it ("PLATFORM_META"); anything else is refused by the client."""
+    recorder = CallRecorder()
+    with AdAccountsClient(server.target, interceptors=[recorder]) as client:
+        with pytest.raises(InvalidArgument) as caught:
+            client.list(platforms=["META"], statuses=["ACTIVE", STATUS_PAUSED])
+        assert [v.field for v in caught.value.field_violations] == ["platforms", "statuses"]
+        assert "PLATFORM_META" in caught.value.field_violations[0].description
+        with pytest.raises(InvalidArgument):
+            list(client.iter_ad_accounts(statuses=["nope"]))
+        with pytest.raises(InvalidArgument):
+            client.get(123)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            client.batch_get([None])  # type: ignore[list-item]
+        assert recorder.calls == []  # none of them was sent
+        client.list(platforms=["PLATFORM_META", PLATFORM_GOOGLE], statuses=["STATUS_ACTIVE"])
+
+
+# --- metadata and tokens --------------------------------------------------------------------------
+
+
+def test_a_calls_own_token_replaces_the_providers(database_url, clean_db):
+    """With a read-write token from the provider and a read-only one on the call, the call is
+    made with the read-only one alone: the create is refused."""
+    reader, writer = "reader-" + uuid.uuid4().hex, "writer-" + uuid.uuid4().hex
+    tokens = {
+        hashlib.sha256(reader.encode()).hexdigest(): {"name": "billing", "scope": "read"},
+        hashlib.sha256(writer.encode()).hexdigest(): {"name": "onboarding", "scope": "read-write"},
+    }
+    running = RunningServer(test_settings(database_url, AUTH_TOKENS=json.dumps(tokens)))
+    recorder = CallRecorder()
+    try:
+        with AdAccountsClient(
+            running.target,
+            metadata_provider=lambda: [("authorization", f"Bearer {writer}")],
+            interceptors=[recorder],
+        ) as client:
+            with pytest.raises(PermissionDenied) as caught:
+                client.create(new_account(), metadata=[("Authorization", f"Bearer {reader}")])
+            assert "billing" in caught.value.details
+            created = client.create(new_account())  # the provider's token, when the call has none
+            assert client.get(created.id, metadata=[("authorization", f"Bearer {reader}")]) == created
+            with pytest.raises(Unauthenticated):
+                client.get(created.id, metadata=[("authorization", "Bearer not-a-token")])
+        authorizations = [[v for k, v in call.metadata if k == "authorization"] for call in recorder.calls]
+        assert authorizations == [
+            [f"Bearer {reader}"],
+            [f"Bearer {writer}"],
+            [f"Bearer {reader}"],
+            ["Bearer not-a-token"],
+        ]
+    finally:
+        running.stop()
 
 
 def test_every_call_gets_the_default_deadline_unless_it_gives_its_own(server, clean_db):
@@ -316,10 +527,24 @@ def test_every_call_gets_the_default_deadline_unless_it_gives_its_own(server, cl
         created = client.create(new_account())
         client.get(created.id, timeout=1.5, metadata=[("x-request-source", "test")])
     create_call, get_call = recorder.calls
-    assert create_call.timeout == pytest.approx(4.0)
-    assert get_call.timeout == pytest.approx(1.5)
-    assert list(create_call.metadata) == [("authorization", "Bearer t0ken")]
-    assert list(get_call.metadata) == [("authorization", "Bearer t0ken"), ("x-request-source", "test")]
+    # What is left of it once connected (the first call waits for the connection).
+    assert 3.9 <= create_call.timeout <= 4.0
+    assert 1.49 <= get_call.timeout <= 1.5
+    create_metadata, get_metadata = dict(create_call.metadata), dict(get_call.metadata)
+    assert create_metadata.keys() == {"authorization", "x-request-id"}
+    assert create_metadata["authorization"] == "Bearer t0ken"
+    assert get_metadata.keys() == {"authorization", "x-request-source", "x-request-id"}
+    assert create_metadata["x-request-id"] != get_metadata["x-request-id"]  # one per call
+
+
+def test_a_callers_channel_option_replaces_the_clients_own():
+    """gRPC keeps the first value of a key given twice: the caller's must replace ours, not follow it."""
+    options = channel_options(
+        retry=None, keepalive_time_s=300, own_connection=False, extra=[("grpc.max_reconnect_backoff_ms", 10_000)]
+    )
+    keys = [key for key, _ in options]
+    assert len(keys) == len(set(keys))
+    assert dict(options)["grpc.max_reconnect_backoff_ms"] == 10_000
 
 
 def test_keepalive_defaults_are_ones_a_default_server_accepts():
@@ -480,15 +705,25 @@ def test_mutual_tls_and_the_metadata_provider_reach_the_server(tls_proxy, pki, c
     assert {call.client_common_name for call in tls_proxy.calls} == {b"billing-service"}
 
 
-def test_tls_without_the_client_certificate_is_refused(tls_proxy, pki):
+def test_tls_without_the_client_certificate_is_refused_naming_the_likely_cause(tls_proxy, pki):
     with (
         AdAccountsClient(
-            f"127.0.0.1:{tls_proxy.port}", credentials=tls_credentials(ca_file=pki / "ca.pem"), retry=None
+            f"127.0.0.1:{tls_proxy.port}", credentials=tls_credentials(ca_file=pki / "ca.pem"), connect_timeout=0.3
         ) as client,
-        pytest.raises(Unavailable),
+        pytest.raises(ConnectionFailed) as caught,
     ):
         client.get(str(uuid.uuid4()))
+    assert "client certificate" in caught.value.details, caught.value.details
     assert tls_proxy.calls == []
+
+
+def test_plaintext_to_a_tls_server_is_refused_naming_the_likely_cause(tls_proxy):
+    with (
+        AdAccountsClient(f"127.0.0.1:{tls_proxy.port}", connect_timeout=0.3) as client,
+        pytest.raises(ConnectionFailed) as caught,
+    ):
+        client.get(str(uuid.uuid4()))
+    assert "Socket closed" in caught.value.details and "does it want TLS" in caught.value.details
 
 
 def test_tls_credentials_want_certificate_and_key_together(pki):

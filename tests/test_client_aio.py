@@ -4,16 +4,19 @@ against the real server and PostgreSQL. Each test runs one asyncio.run()."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
 import pytest
 from adaccounts import (
     STATUS_PAUSED,
+    Aborted,
     AdAccountsClient,
     AlreadyExists,
     AsyncAdAccountsClient,
-    Conflict,
+    ClientClosed,
+    ConnectionFailed,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -21,7 +24,7 @@ from adaccounts import (
 )
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from conftest import new_account
-from test_client import LIST_METHOD, closed_port
+from test_client import LIST_METHOD, FakeServer, closed_port
 
 
 def test_the_async_client_has_the_same_methods_as_the_sync_one():
@@ -37,8 +40,9 @@ def test_every_method(server, clean_db):
             assert await client.get(created.id) == created
 
             request_id = str(uuid.uuid4())
-            other = await client.create(new_account(owner_id=owner, name="a"), request_id=request_id)
-            assert await client.create(new_account(), request_id=request_id) == other  # the first result
+            body = new_account(owner_id=owner, name="a")
+            other = await client.create(body, request_id=request_id)
+            assert await client.create(body, request_id=request_id) == other  # a retry: the same account
 
             assert [a.id for a in await client.batch_get([other.id, created.id])] == [other.id, created.id]
 
@@ -100,16 +104,63 @@ def test_errors_map_to_the_same_exceptions(server, clean_db):
                 await client.create(account)
 
             await client.update(pb.AdAccount(id=created.id, name="changed"), update_mask=["name"])
-            with pytest.raises(Conflict) as conflict:
+            with pytest.raises(Aborted) as aborted:
                 await client.delete(created.id, etag=created.etag)
-            assert conflict.value.code == grpc.StatusCode.ABORTED
+            assert aborted.value.code == grpc.StatusCode.ABORTED
+            assert aborted.value.request_id
 
-        async with AsyncAdAccountsClient(f"127.0.0.1:{closed_port()}", retry=None) as nowhere:
-            with pytest.raises(Unavailable):
+            with pytest.raises(InvalidArgument) as label:  # before anything is sent
+                await client.list(platforms=["META"])
+            assert [v.field for v in label.value.field_violations] == ["platforms"]
+
+        # Never reached a server: ConnectionFailed (an Unavailable), whether the wait for a
+        # connection ends at connect_timeout or at the deadline, with the reason.
+        async with AsyncAdAccountsClient(f"127.0.0.1:{closed_port()}", connect_timeout=0.2) as nowhere:
+            with pytest.raises(Unavailable) as caught:
                 await nowhere.get(str(uuid.uuid4()))
+            assert isinstance(caught.value, ConnectionFailed)
+            assert "Connection refused" in caught.value.details
         async with AsyncAdAccountsClient(f"127.0.0.1:{closed_port()}", wait_for_ready=True, timeout=0.3) as waiting:
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(ConnectionFailed):
                 await waiting.get(str(uuid.uuid4()))
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_passed_at_a_server_raises_deadline_exceeded():
+    async def scenario() -> None:
+        with FakeServer(lambda request, context: time.sleep(1.0) or b"") as fake:
+            async with AsyncAdAccountsClient(fake.target, timeout=0.3) as client:
+                with pytest.raises(DeadlineExceeded) as caught:
+                    await client.get(str(uuid.uuid4()))
+                assert caught.value.request_id  # the one it was sent with
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_client_raises_client_closed(server):
+    async def scenario() -> None:
+        client = AsyncAdAccountsClient(server.target)
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await client.get(str(uuid.uuid4()))
+        with pytest.raises(ClientClosed):
+            [a async for a in client.iter_ad_accounts()]
+
+        with FakeServer(lambda request, context: time.sleep(2) or b"") as fake:
+            client = AsyncAdAccountsClient(fake.target)
+            call = asyncio.ensure_future(client.get(str(uuid.uuid4())))
+            await asyncio.sleep(0.3)
+            await client.close()
+            with pytest.raises(ClientClosed):
+                await call
+
+            async with AsyncAdAccountsClient(fake.target) as client:  # the caller's own cancellation stays one
+                call = asyncio.ensure_future(client.get(str(uuid.uuid4())))
+                await asyncio.sleep(0.3)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
 
     asyncio.run(scenario())
 

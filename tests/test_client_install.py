@@ -1,8 +1,11 @@
 """The client distribution installs on its own: into a clean virtual environment it brings
-gRPC and protobuf but none of the server's stack, and from there it calls the server.
+gRPC and protobuf but none of the server's stack, and from there it calls the server; and
+there, as a calling service checks its code, the package passes mypy and a caller written
+from the README (its examples, and the types they rely on) passes mypy --strict.
 
-Slow (a venv and a pip install, about 10-20 s) but in the default suite on purpose: it is
-the one test that catches a server dependency creeping into the client package.
+Slow (a venv, pip installs and a cold mypy run, about a minute) but in the default suite on
+purpose: it is the one place that catches a server dependency creeping into the client
+package, or a type only this checkout's stubs and settings make right.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from test_client import CLIENTS
+from test_doc_examples import examples
 
 SERVER_STACK = ("sqlalchemy", "sqlmodel", "psycopg", "pydantic_settings", "pydantic", "alembic", "adaccounts_server")
 
@@ -56,17 +60,24 @@ def run(*command: str | Path, cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory) -> Path:
+    """A clean virtual environment with the client distribution installed, built from a copy
+    (setuptools writes build/ and *.egg-info next to the sources); its python."""
+    folder = tmp_path_factory.mktemp("client-venv")
+    source = folder / "clients"
+    shutil.copytree(CLIENTS, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    venv = folder / "venv"
+    run(sys.executable, "-m", "venv", venv, cwd=folder)
+    python = venv / "bin" / "python"
+    run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", source, cwd=folder)
+    return python
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_client_installs_without_the_server_stack_and_calls_the_server(tmp_path, server, stub, clean_db):
-    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
-    source = tmp_path / "clients"
-    shutil.copytree(CLIENTS, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", source, cwd=tmp_path)
-
+def test_client_installs_without_the_server_stack_and_calls_the_server(client_venv, tmp_path, server, stub, clean_db):
+    python = client_venv
     installed = run(python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check", cwd=tmp_path)
     assert "adaccounts-client==" in installed.lower().replace("_", "-")
     present = run(python, "-c", CHECK_ABSENT, *SERVER_STACK, cwd=tmp_path).split()
@@ -76,3 +87,78 @@ def test_client_installs_without_the_server_stack_and_calls_the_server(tmp_path,
     created_id = run(python, "-c", CALL_THE_SERVER, server.target, owner, cwd=tmp_path).strip()
     stored = stub.GetAdAccount(pb.GetAdAccountRequest(id=created_id), timeout=5)
     assert (stored.owner_id, stored.external_id) == (owner, "installed-1")
+
+
+# What a caller relies on, spelled out for mypy: assert_type fails the check on any other type
+# (Any included), so an attribute that silently became Any is caught, not just one that is wrong.
+CALLER_TYPES = textwrap.dedent(
+    """
+    from collections.abc import AsyncIterator, Iterator
+    from typing import assert_type
+
+    import grpc
+    from adaccounts import (
+        AdAccount, AdAccountsClient, AdAccountsError, AsyncAdAccountsClient, FieldViolation, Internal,
+        InvalidArgument, ListAdAccountsResponse, RpcStatus,
+    )
+    from google.protobuf import any_pb2
+
+
+    def errors(error: AdAccountsError, invalid: InvalidArgument, internal: Internal) -> None:
+        assert_type(error.code, grpc.StatusCode)
+        assert_type(error.details, str)
+        assert_type(error.request_id, str | None)
+        assert_type(error.status, RpcStatus | None)
+        if error.status is not None:
+            assert_type(error.status.code, int)
+            assert_type(error.status.message, str)
+            for detail in error.status.details:
+                assert_type(detail, any_pb2.Any)
+        assert_type(invalid.field_violations, list[FieldViolation])
+        assert_type(internal.error_id, str | None)
+
+
+    def sync_calls(client: AdAccountsClient, account: AdAccount) -> None:
+        assert_type(client.get("id"), AdAccount)
+        assert_type(client.batch_get(["id"]), list[AdAccount])
+        assert_type(client.list(platforms=["PLATFORM_META"]), ListAdAccountsResponse)
+        assert_type(client.iter_ad_accounts(), Iterator[AdAccount])
+        assert_type(client.create(account), AdAccount)
+        assert_type(client.update(account), AdAccount)
+        assert_type(client.delete("id"), None)
+
+
+    async def async_calls(client: AsyncAdAccountsClient, account: AdAccount) -> None:
+        assert_type(await client.get("id"), AdAccount)
+        assert_type(await client.batch_get(["id"]), list[AdAccount])
+        assert_type(await client.list(), ListAdAccountsResponse)
+        assert_type(client.iter_ad_accounts(), AsyncIterator[AdAccount])
+        assert_type(await client.create(account), AdAccount)
+        assert_type(await client.update(account), AdAccount)
+        assert_type(await client.delete("id"), None)
+    """
+)
+
+# What a calling service installs to type-check its code (as in the client's README).
+TYPE_CHECKING = ("mypy>=1.13", "grpc-stubs>=1.53", "types-protobuf>=5.29")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_installed_package_passes_mypy_and_a_caller_from_the_docs_mypy_strict(client_venv, tmp_path):
+    python = client_venv
+    run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *TYPE_CHECKING, cwd=tmp_path)
+    # The README's claim, as it stands: the package as installed.
+    run(python, "-m", "mypy", "--no-incremental", "-p", "adaccounts", cwd=tmp_path)
+
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    files = []
+    for number, example in enumerate(examples("python"), start=1):
+        path = caller / f"example_{number}.py"  # each its own module: mypy checks them one by one
+        path.write_text(f"# {example.name}\n{example.code}")
+        files.append(path)
+    types = caller / "caller_types.py"
+    types.write_text(CALLER_TYPES)
+    files.append(types)
+    run(python, "-m", "mypy", "--no-incremental", "--strict", *files, cwd=caller)

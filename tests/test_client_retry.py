@@ -1,12 +1,13 @@
-"""Retries across a server restart: the server is stopped mid-loop and a new one started on
-the same port about a second later, while the client keeps calling.
+"""Server restarts: the server is stopped mid-loop and a new one started on the same port
+a while later, while the client keeps calling; and the bounds the README states, measured.
 
-What makes a call made during the outage succeed is gRPC's own retry policy (from the
-client's service config): each attempt fails fast with UNAVAILABLE while nothing listens,
-and a later attempt, up to about 5.6 s after the first, finds the server back (the client
-also reconnects within 0.25-5 s instead of gRPC's default of up to 120 s). The control test
-shows that without the policy the same restart fails calls; wait_for_ready is the other way
-to ride out an outage, by queueing the call instead of failing it.
+What makes a call made during the outage succeed is the client's wait for a connection
+(connect_timeout, 5 s by default): the call is not sent while no connection is up, and goes
+out as soon as the client has reconnected, which it tries every 0.1-0.5 s. A call the
+stopping server refused (UNAVAILABLE) is retried by gRPC's own retry policy, and its retry
+waits for the connection the same way. The control test shows that with neither (connect
+timeout 0, no retry policy) the same restart fails calls; wait_for_ready waits for a
+connection up to the call's deadline instead of connect_timeout.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from adaccounts import AdAccountsClient, AdAccountsError, AsyncAdAccountsClient, Unavailable
+from adaccounts import (
+    AdAccountsClient,
+    AdAccountsError,
+    AsyncAdAccountsClient,
+    ConnectionFailed,
+    DeadlineExceeded,
+)
+from adaccounts._common import MAX_RECONNECT_BACKOFF_MS
 from conftest import RunningServer, new_account, test_settings
 
 OUTAGE_S = 1.0
+#: The README's promise: once the server listens again, a waiting call goes out within the
+#: longest reconnect backoff (+20 % jitter), plus the connection and the call themselves.
+BACK_WITHIN_S = MAX_RECONNECT_BACKOFF_MS / 1000 * 1.2 + 0.4
 
 
 class RestartableServer:
@@ -61,8 +72,10 @@ class Outcome:
     error: AdAccountsError | None
 
 
-def restart_while_calling(server: RestartableServer, call) -> tuple[list[Outcome], float, float]:
-    """Call `call()` in a loop on a thread while the server stops and, OUTAGE_S later, starts
+def restart_while_calling(
+    server: RestartableServer, call, outage_s: float = OUTAGE_S
+) -> tuple[list[Outcome], float, float]:
+    """Call `call()` in a loop on a thread while the server stops and, `outage_s` later, starts
     again; go on until three calls made after the restart have finished.
 
     Returns every call's outcome and the times the server was down from and back at."""
@@ -86,7 +99,7 @@ def restart_while_calling(server: RestartableServer, call) -> tuple[list[Outcome
         time.sleep(0.3)
         server.stop()
         down = time.monotonic()
-        time.sleep(OUTAGE_S)
+        time.sleep(outage_s)
         server.start()
         back = time.monotonic()
         deadline = back + 15
@@ -123,19 +136,112 @@ def test_retried_creates_during_a_restart_make_one_account_each(restartable):
     assert len(created) == len(outcomes)
 
 
-def test_without_the_retry_policy_the_same_restart_fails_calls(restartable):
-    with AdAccountsClient(restartable.target, retry=None) as client:
+def test_without_the_connection_wait_and_the_retry_policy_the_same_restart_fails_calls(restartable):
+    with AdAccountsClient(restartable.target, retry=None, connect_timeout=0) as client:
         account = client.create(new_account())
         outcomes, _, _ = restart_while_calling(restartable, lambda: client.get(account.id))
 
     errors = [o.error for o in outcomes if o.error is not None]
-    assert any(isinstance(error, Unavailable) for error in errors), "a restart without retries fails calls"
+    assert any(isinstance(error, ConnectionFailed) for error in errors), "a restart without waiting fails calls"
     # Now and then a call the stopping server had accepted but not started comes back
-    # CANCELLED (grpc/grpc#41785): the policy retries that status too.
+    # CANCELLED (grpc/grpc#41785), or it refused it as it drained: the policy retries both.
     assert {error.code for error in errors} <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
-def test_async_client_retries_across_a_restart_too(restartable):
+@pytest.mark.parametrize("outage_s", [1.0, 3.0])
+def test_a_restart_holds_a_call_no_longer_than_the_outage_and_the_reconnect(restartable, outage_s):
+    """The README's bound, measured: with the defaults (connect_timeout 5 s, deadline 10 s), a
+    call made during a restart, or in flight when it began, returns within BACK_WITHIN_S of the
+    server listening again, and the first call after that does not wait seconds."""
+    with AdAccountsClient(restartable.target) as client:
+        account = client.create(new_account())
+        outcomes, down, back = restart_while_calling(restartable, lambda: client.get(account.id), outage_s)
+
+    assert [o.error for o in outcomes if o.error is not None] == []
+    held = [o for o in outcomes if o.ended > back and o.started < back]  # waited for the server
+    assert held, "no call was waiting for the server when it came back"
+    after_back = max(o.ended for o in held) - back
+    longest = max(o.ended - o.started for o in outcomes)
+    print(
+        f"\noutage {back - down:.2f} s (stop returned → start returned): longest call {longest:.2f} s; "
+        f"calls waiting for the server returned {after_back:.3f} s after it listened again"
+    )
+    assert after_back <= BACK_WITHIN_S
+    assert longest <= (back - down) + BACK_WITHIN_S + 0.5  # + the stop itself, which drains first
+
+
+def test_an_outage_longer_than_connect_timeout_fails_calls_with_connection_failed_in_time(restartable):
+    """Past connect_timeout a call gives up, never having been sent: ConnectionFailed, not
+    DeadlineExceeded, after connect_timeout and not after the deadline. (Calls made while the
+    server is down: a call already sent when it went down is retried once it is back.)"""
+    connect_timeout = 0.5
+    with AdAccountsClient(restartable.target, connect_timeout=connect_timeout) as client:
+        account = client.create(new_account())
+        restartable.stop()
+        took = []
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(ConnectionFailed) as failed:
+                    client.get(account.id, timeout=30)
+                took.append(time.monotonic() - started)
+                assert "Connection refused" in failed.value.details
+        finally:
+            restartable.start()
+        back = time.monotonic()
+        assert client.get(account.id, timeout=30) == account
+        again = time.monotonic() - back
+    print(f"\ncalls gave up after {', '.join(f'{t:.3f}' for t in took)} s; the next one succeeded {again:.3f} s after")
+    assert all(t <= connect_timeout + 0.4 for t in took), took
+    assert again <= BACK_WITHIN_S
+
+
+def test_async_client_holds_a_call_no_longer_than_the_outage_and_the_reconnect(restartable):
+    async def scenario() -> tuple[float, float]:
+        async with AsyncAdAccountsClient(restartable.target) as client:
+            account = await client.create(new_account())
+            await asyncio.to_thread(restartable.stop)
+            call = asyncio.ensure_future(client.get(account.id))  # made while nothing listens
+            await asyncio.sleep(2.0)
+            assert not call.done()  # still waiting for a connection
+            await asyncio.to_thread(restartable.start)
+            back = time.monotonic()
+            assert await call == account
+            returned = time.monotonic()
+            fresh = time.monotonic()
+            await client.get(account.id)
+            return returned - back, time.monotonic() - fresh
+
+    after_back, next_call = asyncio.run(scenario())
+    print(f"\nasyncio: the waiting call returned {after_back:.3f} s after the server listened again")
+    assert after_back <= BACK_WITHIN_S
+    assert next_call < 0.5
+
+
+def test_no_server_fails_after_connect_timeout_never_the_deadline_with_the_cause():
+    """Nothing listens: ConnectionFailed after min(connect_timeout, deadline), saying why."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{probe.getsockname()[1]}"
+    for kwargs, expected_s in [
+        ({"timeout": 2.0}, 2.0),  # the deadline is shorter than connect_timeout
+        ({"connect_timeout": 0.5}, 0.5),
+        ({"connect_timeout": 0}, 0.0),
+        ({"wait_for_ready": True, "timeout": 1.0}, 1.0),
+    ]:
+        with AdAccountsClient(target, **kwargs) as client:  # type: ignore[arg-type]
+            started = time.monotonic()
+            with pytest.raises(ConnectionFailed) as caught:
+                client.get(str(uuid.uuid4()))
+            took = time.monotonic() - started
+        assert expected_s - 0.05 <= took <= expected_s + 0.35, (kwargs, took)
+        assert "Connection refused" in caught.value.details, caught.value.details
+        assert "never sent" in caught.value.details
+        assert caught.value.request_id is None and caught.value.status is None
+        assert not isinstance(caught.value, DeadlineExceeded)
+
+
+def test_async_client_waits_across_a_restart_too(restartable):
     async def scenario() -> None:
         async with AsyncAdAccountsClient(restartable.target) as client:
             account = await client.create(new_account())

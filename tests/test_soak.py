@@ -25,7 +25,7 @@ WARM_UP_S = min(10.0, SOAK_SECONDS / 6)
 SAMPLE_EVERY_S = 5.0
 RSS_GROWTH_BOUND_MB = 50.0
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
+pytestmark = pytest.mark.faults  # not `slow`: that is the clean-venv installs (README)
 
 MB = 1024 * 1024
 

@@ -1,8 +1,10 @@
 """What the sync and asyncio clients share: channel options, service config, request building.
 
-Retries, load balancing and keepalive are all configured through gRPC itself
-(the service config and channel arguments), so they behave the same in both
-clients and in every attempt, and nothing here sleeps or loops.
+Retries, load balancing, reconnection and keepalive are all configured through gRPC itself
+(the service config and channel arguments), so they behave the same in both clients and in
+every attempt. The one thing the clients add is the wait for a connection before a call
+(connect_timeout): gRPC either fails a call at once while no connection is up or lets it
+wait for its whole deadline, and neither tells "never reached a server" apart.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from google.protobuf import field_mask_pb2
 
+from .errors import REQUEST_ID_KEY, FieldViolation, InvalidArgument
 from .v1 import ad_accounts_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
@@ -35,6 +39,27 @@ Metadata = Sequence[tuple[str, str]]
 MetadataProvider = Callable[[], Iterable[tuple[str, str]]]
 
 DEFAULT_TIMEOUT_S = 10.0
+
+#: How long a call waits for a connection while none is up (a server restarting on the
+#: same address) before it fails with ConnectionFailed, never having been sent.
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
+#: After a failed connection attempt the client tries again after INITIAL, backing off
+#: (x1.6, +-20 %) to at most MAX: a server that is back is found within about MAX. gRPC's
+#: defaults (1 s, growing to 120 s) left a restarted server unused for seconds.
+INITIAL_RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 500
+#: A connection attempt (TCP, TLS, HTTP/2 settings) that gets no answer is abandoned after
+#: this long and a new one started (gRPC's default: 20 s, during which a server that came
+#: back at that address goes unnoticed).
+CONNECT_ATTEMPT_TIMEOUT_MS = 2_000
+
+#: How the cause of a failed connection is read back from gRPC: a call that is failed at
+#: once, without being sent, while the channel has no connection. Health checking is part
+#: of every adaccounts server, has no side effect and is never logged, should the
+#: connection come up just then; its answer is ignored.
+PROBE_METHOD = "/grpc.health.v1.Health/Check"
+PROBE_TIMEOUT_S = 0.25
 
 #: The server accepts a ping per 5 minutes while calls are in flight (gRPC's default
 #: grpc.http2.min_ping_interval_without_data_ms); pinging more often gets the
@@ -102,7 +127,10 @@ def channel_options(
     own_connection: bool,
     extra: Sequence[tuple[str, Any]],
 ) -> list[tuple[str, Any]]:
-    """Channel arguments; `extra` comes last, so a caller's value wins."""
+    """Channel arguments, each key once: a caller's value in `extra` replaces the client's.
+
+    (gRPC keeps the first of two values for a key, so appending `extra` would not do.)
+    """
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", json.dumps(service_config(retry))),
         # Ours, not whatever a DNS TXT record might say.
@@ -112,22 +140,54 @@ def channel_options(
         ("grpc.keepalive_time_ms", round(keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 0),
-        # Reconnect soon after a server restarts (gRPC's defaults: first retry after
-        # 1 s, growing to 120 s), so that retried calls find it within their backoff.
-        ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 5_000),
+        # Find a restarted server within about half a second (see the constants above).
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ("grpc.min_reconnect_backoff_ms", CONNECT_ATTEMPT_TIMEOUT_MS),
     ]
     if own_connection:
         # Channels normally share one connection per address; this gives each its own.
         options.append(("grpc.use_local_subchannel_pool", 1))
-    options.extend(extra)
-    return options
+    merged = dict(options)
+    merged.update(extra)
+    return list(merged.items())
 
 
-def call_metadata(provider: MetadataProvider | None, metadata: Metadata) -> tuple[tuple[str, str], ...] | None:
-    """The provider's pairs, then the call's own."""
-    pairs = (*(provider() if provider is not None else ()), *metadata)
-    return pairs or None
+def call_metadata(provider: MetadataProvider | None, metadata: Metadata) -> tuple[tuple[tuple[str, str], ...], str]:
+    """The metadata to send with a call, and its request id.
+
+    The provider's pairs, then the call's own; a key the call sets replaces the provider's
+    pairs with that key (a call's own `authorization` token is sent instead of the
+    provider's, never beside it). An `x-request-id` is added unless one is set already.
+    """
+    own = tuple((key.lower(), value) for key, value in metadata)
+    replaced = {key for key, _ in own}
+    provided = tuple(
+        (key.lower(), value)
+        for key, value in (provider() if provider is not None else ())
+        if key.lower() not in replaced
+    )
+    pairs = (*provided, *own)
+    request_id = next((str(value) for key, value in pairs if key == REQUEST_ID_KEY), None)
+    if request_id is None:
+        request_id = uuid.uuid4().hex
+        pairs = (*pairs, (REQUEST_ID_KEY, request_id))
+    return pairs, request_id
+
+
+def _enum_values(field: str, enum: Any, values: Iterable[Any], violations: list[FieldViolation]) -> list[Any]:
+    """`values` as the generated messages take them: enum numbers, or names as in the proto."""
+    checked = list(values)
+    names = list(enum.keys())
+    for value in checked:
+        if isinstance(value, str) and value not in names:
+            violations.append(
+                FieldViolation(
+                    field,
+                    f"unknown value {value!r}: want {enum.DESCRIPTOR.name} values or their names ({', '.join(names)})",
+                )
+            )
+    return checked
 
 
 def list_request(
@@ -139,12 +199,23 @@ def list_request(
     statuses: Iterable[pb.Status | str],
     order_by: str,
 ) -> pb.ListAdAccountsRequest:
+    """Raises InvalidArgument, before anything is sent, for a platform or status name that is not
+    one (names are the proto's: "PLATFORM_META", as the generated messages take them)."""
+    violations: list[FieldViolation] = []
+    platform_values = _enum_values("platforms", pb.Platform, platforms, violations)
+    status_values = _enum_values("statuses", pb.Status, statuses, violations)
+    if violations:
+        raise InvalidArgument(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "; ".join(f"{v.field}: {v.description}" for v in violations),
+            field_violations=violations,
+        )
     return pb.ListAdAccountsRequest(
         page_size=page_size,
         page_token=page_token,
         owner_id=owner_id,
-        platforms=platforms,
-        statuses=statuses,
+        platforms=platform_values,
+        statuses=status_values,
         order_by=order_by,
     )
 
@@ -159,3 +230,29 @@ def update_request(ad_account: pb.AdAccount, update_mask: Iterable[str] | None) 
     if update_mask is None:
         return pb.UpdateAdAccountRequest(ad_account=ad_account)
     return pb.UpdateAdAccountRequest(ad_account=ad_account, update_mask=field_mask_pb2.FieldMask(paths=update_mask))
+
+
+def connect_budget(*, connect_timeout: float | None, wait_for_ready: bool, timeout: float | None) -> float | None:
+    """How long a call may wait for a connection: `connect_timeout`, or its whole deadline with
+    `wait_for_ready`; never past the deadline. None: no limit at all."""
+    limits = [limit for limit in (None if wait_for_ready else connect_timeout, timeout) if limit is not None]
+    return max(0.0, min(limits)) if limits else None
+
+
+def probe_timeout(remaining_s: float | None) -> float:
+    """The probe's deadline: short, and within what is left of the call's deadline (50 ms at least)."""
+    return PROBE_TIMEOUT_S if remaining_s is None else max(0.05, min(PROBE_TIMEOUT_S, remaining_s))
+
+
+def probe_verdict(code: grpc.StatusCode | None, details: str | None) -> tuple[bool, str | None]:
+    """What the probe's outcome says: (connected now, gRPC's reason for no connection).
+
+    `code` is None when the probe succeeded. UNAVAILABLE is the client failing it for want of a
+    connection (the reason in its details); DEADLINE_EXCEEDED, a connection attempt still going
+    on; anything else is a server's answer, so a connection is up.
+    """
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return False, details or None
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return False, None
+    return True, None

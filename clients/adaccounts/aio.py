@@ -7,31 +7,88 @@ async iterator. Create it inside the event loop that will use it.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import itertools
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf import message
 
 from ._common import (
+    DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_KEEPALIVE_TIME_S,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT_S,
+    PROBE_METHOD,
     Metadata,
     MetadataProvider,
     RetryPolicy,
     call_metadata,
     channel_options,
+    connect_budget,
     create_request,
     list_request,
+    probe_timeout,
+    probe_verdict,
     update_request,
 )
-from .errors import from_rpc_error
+from .errors import (
+    AdAccountsError,
+    client_closed,
+    connection_failed,
+    from_rpc_error,
+    invalid_request,
+)
 from .v1 import ad_accounts_pb2 as pb
 from .v1 import ad_accounts_pb2_grpc as pb_grpc
+
+_Request = TypeVar("_Request", bound=message.Message)
+_Response = TypeVar("_Response", bound=message.Message)
+
+_READY = grpc.ChannelConnectivity.READY
+
+
+class _Connection:
+    """One grpc.aio channel and its stub; the channel's own state says whether it is connected."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.AdAccountServiceStub(channel)
+        self._probe: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PROBE_METHOD, None, None)
+
+    @property
+    def state(self) -> grpc.ChannelConnectivity:
+        return self.channel.get_state(try_to_connect=False)
+
+    async def wait_ready(self, budget: float | None) -> bool:
+        """Whether a connection is up, waiting up to `budget` seconds (None: no limit) for one."""
+        state = self.channel.get_state(try_to_connect=True)  # also asks an idle channel to connect
+        if state is _READY:
+            return True
+        if budget is not None and budget <= 0:
+            return False
+        try:
+            async with asyncio.timeout(budget):
+                while state is not _READY:
+                    if state is grpc.ChannelConnectivity.SHUTDOWN:
+                        return False
+                    await self.channel.wait_for_state_change(state)
+                    state = self.channel.get_state(try_to_connect=True)
+        except TimeoutError:
+            return False
+        return True
+
+    async def probe(self, timeout: float) -> tuple[grpc.StatusCode | None, str | None]:
+        """gRPC's reason for having no connection: a call it fails without sending (see PROBE_METHOD).
+        grpc.aio applies a channel's interceptors to every call on it, so they see this one too."""
+        try:
+            await self._probe(b"", timeout=timeout, wait_for_ready=False)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details()
+        return None, None
 
 
 class AsyncAdAccountsClient:
@@ -43,6 +100,7 @@ class AsyncAdAccountsClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         wait_for_ready: bool = False,
         retry: RetryPolicy | None = DEFAULT_RETRY,
         metadata_provider: MetadataProvider | None = None,
@@ -53,32 +111,43 @@ class AsyncAdAccountsClient:
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
+        if connect_timeout is not None and connect_timeout < 0:
+            raise ValueError("connect_timeout must be 0 or more (or None)")
+        self._target = target
+        self._tls = credentials is not None
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
         self._wait_for_ready = wait_for_ready
         self._metadata_provider = metadata_provider
+        self._closed = False
         channel_args = channel_options(
             retry=retry, keepalive_time_s=keepalive_time_s, own_connection=connections > 1, extra=options
         )
-        self._channels = [
-            grpc.aio.insecure_channel(target, channel_args, interceptors=interceptors)
-            if credentials is None
-            else grpc.aio.secure_channel(target, credentials, channel_args, interceptors=interceptors)
+        self._connections = [
+            _Connection(
+                grpc.aio.insecure_channel(target, channel_args, interceptors=interceptors)
+                if credentials is None
+                else grpc.aio.secure_channel(target, credentials, channel_args, interceptors=interceptors)
+            )
             for _ in range(connections)
         ]
-        self._stubs = [pb_grpc.AdAccountServiceStub(channel) for channel in self._channels]
         self._turns = itertools.count()
 
     # --- the RPCs ---------------------------------------------------------------------------
 
     async def get(self, id: str, *, timeout: float | None = None, metadata: Metadata = ()) -> pb.AdAccount:
         """The account with this id. Raises NotFound."""
-        return await self._call("GetAdAccount", pb.GetAdAccountRequest(id=id), timeout, metadata)
+        return await self._call(
+            lambda stub: stub.GetAdAccount, lambda: pb.GetAdAccountRequest(id=id), timeout, metadata
+        )
 
     async def batch_get(
         self, ids: Iterable[str], *, timeout: float | None = None, metadata: Metadata = ()
     ) -> builtins.list[pb.AdAccount]:
         """Up to 1000 accounts in the order of `ids`. Raises NotFound naming the missing ones."""
-        response = await self._call("BatchGetAdAccounts", pb.BatchGetAdAccountsRequest(ids=ids), timeout, metadata)
+        response = await self._call(
+            lambda stub: stub.BatchGetAdAccounts, lambda: pb.BatchGetAdAccountsRequest(ids=ids), timeout, metadata
+        )
         return builtins.list(response.ad_accounts)
 
     async def list(
@@ -93,16 +162,20 @@ class AsyncAdAccountsClient:
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.ListAdAccountsResponse:
-        """One page; pass its next_page_token (with the same filters) for the next. See iter_ad_accounts."""
-        request = list_request(
-            page_size=page_size,
-            page_token=page_token,
-            owner_id=owner_id,
-            platforms=platforms,
-            statuses=statuses,
-            order_by=order_by,
+        """One page: `ad_accounts` and the `next_page_token` for the next (empty on the last). See iter_ad_accounts."""
+        return await self._call(
+            lambda stub: stub.ListAdAccounts,
+            lambda: list_request(
+                page_size=page_size,
+                page_token=page_token,
+                owner_id=owner_id,
+                platforms=platforms,
+                statuses=statuses,
+                order_by=order_by,
+            ),
+            timeout,
+            metadata,
         )
-        return await self._call("ListAdAccounts", request, timeout, metadata)
 
     async def create(
         self,
@@ -113,7 +186,9 @@ class AsyncAdAccountsClient:
         metadata: Metadata = (),
     ) -> pb.AdAccount:
         """Creates the account and returns it as stored; always sends a request_id (yours or a fresh one)."""
-        return await self._call("CreateAdAccount", create_request(ad_account, request_id), timeout, metadata)
+        return await self._call(
+            lambda stub: stub.CreateAdAccount, lambda: create_request(ad_account, request_id), timeout, metadata
+        )
 
     async def update(
         self,
@@ -124,11 +199,15 @@ class AsyncAdAccountsClient:
         metadata: Metadata = (),
     ) -> pb.AdAccount:
         """Changes the account `ad_account.id`; a non-empty etag must still match. Never retried automatically."""
-        return await self._call("UpdateAdAccount", update_request(ad_account, update_mask), timeout, metadata)
+        return await self._call(
+            lambda stub: stub.UpdateAdAccount, lambda: update_request(ad_account, update_mask), timeout, metadata
+        )
 
     async def delete(self, id: str, *, etag: str = "", timeout: float | None = None, metadata: Metadata = ()) -> None:
-        """Deletes the account; with an etag, only if it still matches."""
-        await self._call("DeleteAdAccount", pb.DeleteAdAccountRequest(id=id, etag=etag), timeout, metadata)
+        """Deletes the account; with an etag, only if it still matches. Returns None."""
+        await self._call(
+            lambda stub: stub.DeleteAdAccount, lambda: pb.DeleteAdAccountRequest(id=id, etag=etag), timeout, metadata
+        )
 
     async def iter_ad_accounts(
         self,
@@ -164,9 +243,10 @@ class AsyncAdAccountsClient:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Closes the connections; calls in progress are cancelled."""
-        for channel in self._channels:
-            await channel.close(None)  # no grace
+        """Closes the connections; calls in progress are cancelled (they raise ClientClosed), and so are later ones."""
+        self._closed = True
+        for connection in self._connections:
+            await connection.channel.close(None)  # no grace
 
     async def __aenter__(self) -> AsyncAdAccountsClient:
         return self
@@ -176,14 +256,72 @@ class AsyncAdAccountsClient:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    async def _call(self, method: str, request: message.Message, timeout: float | None, metadata: Metadata) -> Any:
-        stub = self._stubs[next(self._turns) % len(self._stubs)]
+    def _pick(self) -> _Connection:
+        """The next connection in turn; passed over while it is failing to connect and another is up."""
+        turn = next(self._turns)
+        chosen = self._connections[turn % len(self._connections)]
+        if len(self._connections) > 1 and chosen.state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return next((other for other in self._connections if other.state is _READY), chosen)
+        return chosen
+
+    async def _call(
+        self,
+        rpc: Callable[[pb_grpc.AdAccountServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[_Request, _Response]],
+        build: Callable[[], _Request],
+        timeout: float | None,
+        metadata: Metadata,
+    ) -> _Response:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self._closed:
+            raise client_closed()
         try:
-            return await getattr(stub, method)(
+            request = build()
+        except AdAccountsError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise invalid_request(error) from error
+        deadline = self._timeout if timeout is None else timeout
+        pairs, request_id = call_metadata(self._metadata_provider, metadata)
+        connection = self._pick()
+        budget = connect_budget(
+            connect_timeout=self._connect_timeout, wait_for_ready=self._wait_for_ready, timeout=deadline
+        )
+        if not await connection.wait_ready(budget):
+            await self._raise_unless_connected(connection, started, deadline)
+        remaining = None if deadline is None else deadline - (loop.time() - started)
+        try:
+            return await rpc(connection.stub)(
                 request,
-                timeout=self._timeout if timeout is None else timeout,
-                metadata=call_metadata(self._metadata_provider, metadata),
-                wait_for_ready=self._wait_for_ready,
+                timeout=remaining,
+                metadata=pairs,
+                # Once connected, a retry (or the call, if the connection has just dropped)
+                # waits for the connection to come back rather than failing at once.
+                wait_for_ready=budget != 0,
             )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+        except grpc.RpcError as error:
+            if self._closed:
+                raise client_closed() from error
+            raise from_rpc_error(error, request_id=request_id) from error
+        except grpc.aio.UsageError as error:  # a call on a channel closed meanwhile
+            if self._closed:
+                raise client_closed() from error
+            raise
+        except asyncio.CancelledError as error:
+            # grpc.aio cancels the calls in progress on a channel being closed; a cancellation
+            # of the caller's own task is passed on as it is.
+            task = asyncio.current_task()
+            if self._closed and (task is None or not task.cancelling()):
+                raise client_closed() from error
+            raise
+
+    async def _raise_unless_connected(self, connection: _Connection, started: float, deadline: float | None) -> None:
+        """No connection came up in time: ask gRPC why, and raise ConnectionFailed (unless one just did)."""
+        if self._closed:
+            raise client_closed()
+        loop = asyncio.get_running_loop()
+        remaining = None if deadline is None else deadline - (loop.time() - started)
+        connected, cause = probe_verdict(*await connection.probe(probe_timeout(remaining)))
+        if connected and (remaining is None or remaining > 0):
+            return  # it came up just now: go ahead
+        raise connection_failed(self._target, loop.time() - started, cause, tls=self._tls)

@@ -1,38 +1,117 @@
 """The synchronous client: one typed method per RPC over the generated stub.
 
 It adds only what every caller would otherwise get wrong on their own: a
-deadline on every call, a request_id on every create (so that retrying it is
-safe), gRPC's own retries and load balancing, and exceptions instead of
-status codes. The messages are the generated ones (adaccounts.v1), unwrapped.
+deadline on every call, a bounded wait for a connection (a restarting server is
+waited for; one that cannot be reached is reported as never reached), a
+request_id on every create (so that retrying it is safe), gRPC's own retries and
+load balancing, and exceptions instead of status codes. The messages are the
+generated ones (adaccounts.v1), unwrapped.
 """
 
 from __future__ import annotations
 
 import builtins
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import message
 
 from ._common import (
+    DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_KEEPALIVE_TIME_S,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT_S,
+    PROBE_METHOD,
+    PROBE_TIMEOUT_S,
     Metadata,
     MetadataProvider,
     RetryPolicy,
     call_metadata,
     channel_options,
+    connect_budget,
     create_request,
     list_request,
+    probe_timeout,
+    probe_verdict,
     update_request,
 )
-from .errors import from_rpc_error
+from .errors import (
+    AdAccountsError,
+    client_closed,
+    connection_failed,
+    from_rpc_error,
+    invalid_request,
+)
 from .v1 import ad_accounts_pb2 as pb
 from .v1 import ad_accounts_pb2_grpc as pb_grpc
+
+_Request = TypeVar("_Request", bound=message.Message)
+_Response = TypeVar("_Response", bound=message.Message)
+
+
+class _Connection:
+    """One channel, its stub, and its connectivity state as gRPC last reported it."""
+
+    def __init__(self, channel: grpc.Channel, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor]):
+        self.channel = channel
+        self.stub = pb_grpc.AdAccountServiceStub(grpc.intercept_channel(channel, *interceptors))
+        self._probe: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PROBE_METHOD, None, None)
+        self.state: grpc.ChannelConnectivity | None = None
+        self._connected_before = False
+        self._ready = threading.Event()
+        self._watched = threading.Event()
+        # Connects at once, and keeps `state` current: gRPC calls _changed on a thread of its
+        # own, in order, with each new state.
+        channel.subscribe(self._changed, try_to_connect=True)
+
+    def _changed(self, state: grpc.ChannelConnectivity) -> None:
+        self.state = state
+        if state is grpc.ChannelConnectivity.READY:
+            self._connected_before = True
+            self._ready.set()
+        else:
+            self._ready.clear()
+        self._watched.set()
+
+    def close(self) -> None:
+        # gRPC's watcher thread fails noisily ("Cannot monitor channel state: Channel closed!")
+        # on a channel closed before it first settled down to watch it: let it get there.
+        self._watched.wait(0.5)
+        self.channel.unsubscribe(self._changed)
+        self.channel.close()
+        self._ready.set()  # wakes a call waiting for a connection: it finds the client closed
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, budget: float | None) -> bool:
+        """Whether a connection is up, waiting up to `budget` seconds (None: no limit) for one."""
+        if self._ready.is_set():
+            return True
+        if budget is not None and budget <= 0:
+            return False
+        started = time.monotonic()
+        if self.state is grpc.ChannelConnectivity.IDLE and self._connected_before:
+            # A channel gone idle (unused for grpc.client_idle_timeout_ms) connects again only
+            # when a call asks it to; the first connection was asked for by subscribe().
+            # (grpc.channel_ready_future would ask too, but it leaves gRPC's watcher thread a
+            # flag that makes it fail noisily on the channel once closed.)
+            self.probe(PROBE_TIMEOUT_S if budget is None else min(budget, PROBE_TIMEOUT_S))
+        return self._ready.wait(None if budget is None else max(0.0, budget - (time.monotonic() - started)))
+
+    def probe(self, timeout: float) -> grpc.RpcError | None:
+        """gRPC's reason for having no connection: a call it fails without sending (see PROBE_METHOD)."""
+        try:
+            self._probe(b"", timeout=timeout, wait_for_ready=False)
+        except grpc.RpcError as error:
+            return error
+        return None
 
 
 class AdAccountsClient:
@@ -45,14 +124,18 @@ class AdAccountsClient:
     Service, SO_REUSEPORT) set `connections` to open that many and rotate calls over them.
 
     `timeout` (seconds) is the deadline of every call unless the call gives its own;
-    None means no deadline. With `wait_for_ready`, a call made while no server is
-    reachable waits (up to its deadline) for one instead of failing at once.
+    None means no deadline. No call blocks longer than its deadline.
+    `connect_timeout` (seconds) is how long a call waits for a connection while none is
+    up (a server restarting): then it raises ConnectionFailed, never having been sent.
+    0 fails at once; None, or `wait_for_ready=True`, waits up to the call's deadline.
     `retry` retries Get, BatchGet, List and Create on UNAVAILABLE or a shutting-down
     server's CANCELLED (None: never).
     `credentials` switches to TLS (see tls_credentials); `metadata_provider` is called
-    before every call and its pairs are sent with it (an auth token, say).
+    before every call and its pairs are sent with it (an auth token, say); a call's own
+    `metadata` replaces the provider's pairs with the same key.
     `keepalive_time_s` below 300 needs the server to allow it (see the README).
-    `interceptors` and raw channel `options` are passed to gRPC as they are.
+    `interceptors` and raw channel `options` are passed to gRPC as they are (an option
+    given here replaces the client's own value for it).
     """
 
     def __init__(
@@ -61,6 +144,7 @@ class AdAccountsClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         wait_for_ready: bool = False,
         retry: RetryPolicy | None = DEFAULT_RETRY,
         metadata_provider: MetadataProvider | None = None,
@@ -71,20 +155,26 @@ class AdAccountsClient:
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
+        if connect_timeout is not None and connect_timeout < 0:
+            raise ValueError("connect_timeout must be 0 or more (or None)")
+        self._target = target
+        self._tls = credentials is not None
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
         self._wait_for_ready = wait_for_ready
         self._metadata_provider = metadata_provider
+        self._closed = False
         channel_args = channel_options(
             retry=retry, keepalive_time_s=keepalive_time_s, own_connection=connections > 1, extra=options
         )
-        self._channels = [
-            grpc.insecure_channel(target, channel_args)
-            if credentials is None
-            else grpc.secure_channel(target, credentials, channel_args)
+        self._connections = [
+            _Connection(
+                grpc.insecure_channel(target, channel_args)
+                if credentials is None
+                else grpc.secure_channel(target, credentials, channel_args),
+                interceptors,
+            )
             for _ in range(connections)
-        ]
-        self._stubs = [
-            pb_grpc.AdAccountServiceStub(grpc.intercept_channel(channel, *interceptors)) for channel in self._channels
         ]
         self._turns = itertools.count()  # next() on it is atomic: no lock needed between threads
 
@@ -92,13 +182,15 @@ class AdAccountsClient:
 
     def get(self, id: str, *, timeout: float | None = None, metadata: Metadata = ()) -> pb.AdAccount:
         """The account with this id. Raises NotFound."""
-        return self._call("GetAdAccount", pb.GetAdAccountRequest(id=id), timeout, metadata)
+        return self._call(lambda stub: stub.GetAdAccount, lambda: pb.GetAdAccountRequest(id=id), timeout, metadata)
 
     def batch_get(
         self, ids: Iterable[str], *, timeout: float | None = None, metadata: Metadata = ()
     ) -> builtins.list[pb.AdAccount]:
         """Up to 1000 accounts in the order of `ids`. Raises NotFound naming the missing ones."""
-        response = self._call("BatchGetAdAccounts", pb.BatchGetAdAccountsRequest(ids=ids), timeout, metadata)
+        response = self._call(
+            lambda stub: stub.BatchGetAdAccounts, lambda: pb.BatchGetAdAccountsRequest(ids=ids), timeout, metadata
+        )
         return builtins.list(response.ad_accounts)
 
     def list(
@@ -113,16 +205,26 @@ class AdAccountsClient:
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.ListAdAccountsResponse:
-        """One page; pass its next_page_token (with the same filters) for the next. See iter_ad_accounts."""
-        request = list_request(
-            page_size=page_size,
-            page_token=page_token,
-            owner_id=owner_id,
-            platforms=platforms,
-            statuses=statuses,
-            order_by=order_by,
+        """One page: the response itself, whose `ad_accounts` are the page and whose
+        `next_page_token` (empty on the last page) asks for the next, with the same filters.
+        See iter_ad_accounts for every page.
+
+        Platforms and statuses are enum values or their names as in the proto
+        ("PLATFORM_META"); another name raises InvalidArgument before anything is sent.
+        """
+        return self._call(
+            lambda stub: stub.ListAdAccounts,
+            lambda: list_request(
+                page_size=page_size,
+                page_token=page_token,
+                owner_id=owner_id,
+                platforms=platforms,
+                statuses=statuses,
+                order_by=order_by,
+            ),
+            timeout,
+            metadata,
         )
-        return self._call("ListAdAccounts", request, timeout, metadata)
 
     def create(
         self,
@@ -138,7 +240,9 @@ class AdAccountsClient:
         failure, return the first result instead of AlreadyExists; by default each
         call gets a fresh one, which still makes gRPC's automatic retries safe.
         """
-        return self._call("CreateAdAccount", create_request(ad_account, request_id), timeout, metadata)
+        return self._call(
+            lambda stub: stub.CreateAdAccount, lambda: create_request(ad_account, request_id), timeout, metadata
+        )
 
     def update(
         self,
@@ -148,17 +252,22 @@ class AdAccountsClient:
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.AdAccount:
-        """Changes the account `ad_account.id`; a non-empty `ad_account.etag` must still match.
+        """Changes the account `ad_account.id` and returns it as stored; a non-empty
+        `ad_account.etag` must still match.
 
         `update_mask` lists the fields to change (name, currency_code, time_zone,
         status, or "*"); None changes every one of them that is set. Raises
-        Conflict (stale etag), NotFound, InvalidArgument. Never retried automatically.
+        Aborted (stale etag), NotFound, InvalidArgument. Never retried automatically.
         """
-        return self._call("UpdateAdAccount", update_request(ad_account, update_mask), timeout, metadata)
+        return self._call(
+            lambda stub: stub.UpdateAdAccount, lambda: update_request(ad_account, update_mask), timeout, metadata
+        )
 
     def delete(self, id: str, *, etag: str = "", timeout: float | None = None, metadata: Metadata = ()) -> None:
-        """Deletes the account; with an etag, only if it still matches. Raises NotFound, Conflict."""
-        self._call("DeleteAdAccount", pb.DeleteAdAccountRequest(id=id, etag=etag), timeout, metadata)
+        """Deletes the account; with an etag, only if it still matches. Returns None. Raises NotFound, Aborted."""
+        self._call(
+            lambda stub: stub.DeleteAdAccount, lambda: pb.DeleteAdAccountRequest(id=id, etag=etag), timeout, metadata
+        )
 
     def iter_ad_accounts(
         self,
@@ -198,9 +307,10 @@ class AdAccountsClient:
     # --- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the connections; calls in progress are cancelled."""
-        for channel in self._channels:
-            channel.close()
+        """Closes the connections; calls in progress are cancelled (they raise ClientClosed), and so are later ones."""
+        self._closed = True
+        for connection in self._connections:
+            connection.close()
 
     def __enter__(self) -> AdAccountsClient:
         return self
@@ -210,17 +320,68 @@ class AdAccountsClient:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _call(self, method: str, request: message.Message, timeout: float | None, metadata: Metadata) -> Any:
-        stub = self._stubs[next(self._turns) % len(self._stubs)]
+    def _pick(self) -> _Connection:
+        """The next connection in turn; passed over while it is failing to connect and another is up."""
+        turn = next(self._turns)
+        chosen = self._connections[turn % len(self._connections)]
+        if chosen.state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return next((other for other in self._connections if other.ready), chosen)
+        return chosen
+
+    def _call(
+        self,
+        rpc: Callable[[pb_grpc.AdAccountServiceStub], grpc.UnaryUnaryMultiCallable[_Request, _Response]],
+        build: Callable[[], _Request],
+        timeout: float | None,
+        metadata: Metadata,
+    ) -> _Response:
+        started = time.monotonic()
+        if self._closed:
+            raise client_closed()
         try:
-            return getattr(stub, method)(
+            request = build()
+        except AdAccountsError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise invalid_request(error) from error
+        deadline = self._timeout if timeout is None else timeout
+        pairs, request_id = call_metadata(self._metadata_provider, metadata)
+        connection = self._pick()
+        budget = connect_budget(
+            connect_timeout=self._connect_timeout, wait_for_ready=self._wait_for_ready, timeout=deadline
+        )
+        if not connection.wait_ready(budget):
+            self._raise_unless_connected(connection, started, deadline)
+        remaining = None if deadline is None else deadline - (time.monotonic() - started)
+        try:
+            return rpc(connection.stub)(
                 request,
-                timeout=self._timeout if timeout is None else timeout,
-                metadata=call_metadata(self._metadata_provider, metadata),
-                wait_for_ready=self._wait_for_ready,
+                timeout=remaining,
+                metadata=pairs,
+                # Once connected, a retry (or the call, if the connection has just dropped)
+                # waits for the connection to come back rather than failing at once.
+                wait_for_ready=budget != 0,
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            if self._closed:
+                raise client_closed() from error
+            raise from_rpc_error(error, request_id=request_id) from error
+        except ValueError as error:  # gRPC's "Cannot invoke RPC on closed channel!"
+            if self._closed:
+                raise client_closed() from error
+            raise
+
+    def _raise_unless_connected(self, connection: _Connection, started: float, deadline: float | None) -> None:
+        """No connection came up in time: ask gRPC why, and raise ConnectionFailed (unless one just did)."""
+        if self._closed:
+            raise client_closed()
+        remaining = None if deadline is None else deadline - (time.monotonic() - started)
+        failure = connection.probe(probe_timeout(remaining))
+        call = cast("grpc.Call | None", failure)
+        connected, cause = probe_verdict(call.code() if call else None, call.details() if call else None)
+        if connected and (remaining is None or remaining > 0):
+            return  # it came up just now: go ahead
+        raise connection_failed(self._target, time.monotonic() - started, cause, tls=self._tls)
 
 
 def tls_credentials(
