@@ -139,13 +139,14 @@ def test_a_caller_that_stops_reading_holds_bounded_memory_released_when_it_goes(
 
 
 def test_a_call_counts_against_the_limit_until_its_response_is_written(database_url, clean_db):
+    # Long names: answers of ~250 KB, so that 60 of them are more than any socket and HTTP/2 window holds.
     running = RunningServer(test_settings(database_url, MAX_CONCURRENT_RPCS=8))
     try:
         with psycopg.connect(database_url.set(drivername="postgresql").render_as_string(False), autocommit=True) as db:
             db.execute(
                 "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
                 " status, create_time, update_time, version)"
-                " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'unread_' || i, 'Account name ' || i,"
+                " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'unread_' || i, repeat('n', 190) || i,"
                 " 'EUR', 'Europe/Paris', 'ACTIVE', now(), now(), 1 FROM generate_series(1, %s) AS i",
                 [ROWS],
             )
