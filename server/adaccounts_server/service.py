@@ -207,7 +207,7 @@ def rpc_handlers(
 ) -> dict[str, grpc.RpcMethodHandler]:
     """The service's method handlers by method name, built from the proto descriptor, each
     passed once through `guard(full method name, handler)` (authentication, logs, metrics),
-    for `server.add_registered_method_handlers(SERVICE_NAME, ...)`.
+    for app.register_service.
 
     Same as the generated add_AdAccountServiceServicer_to_server, except that
     a request that does not parse reaches the handler (as MalformedRequest).
