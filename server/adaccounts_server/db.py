@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from psycopg import pq
 from psycopg.errors import error_from_result
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg as PsycopgDialect
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
@@ -251,7 +252,7 @@ _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 class PostgresDatabase(Database):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self._dialect = sa.dialects.postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+        self._dialect = PsycopgDialect()
         self._compiled: dict[sa.Executable, _Compiled] = {}
         self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         # psycopg's adaptation context of each connection: parameters to literals, text to values.
