@@ -4,6 +4,9 @@ and a real server on a free port with real stubs."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import io
+import logging
 import os
 import threading
 import uuid
@@ -14,6 +17,7 @@ import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
+from adaccounts_server import logs
 from adaccounts_server.app import App
 from adaccounts_server.config import Settings, load_settings
 from adaccounts_server.migrate import upgrade_to_head
@@ -63,17 +67,40 @@ class RunningServer:
         self._thread.start()
         self.port = self._call(self.app.start())
         self.target = f"127.0.0.1:{self.port}"
+        self._stopping: concurrent.futures.Future[None] | None = None
 
     def _call(self, coroutine, timeout: float = 30):  # type: ignore[no-untyped-def]
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
+    def begin_stop(self) -> concurrent.futures.Future[None]:
+        """Start the App's graceful stop (as SIGTERM does) and return at once; stop() finishes it."""
+        self._stopping = asyncio.run_coroutine_threadsafe(self.app.stop(), self._loop)
+        return self._stopping
+
     def stop(self) -> None:
         try:
-            self._call(self.app.stop())
+            if self._stopping is None:
+                self._call(self.app.stop())
+            else:
+                self._stopping.result(timeout=30)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop.close()
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """What the servers log meanwhile, as the JSON lines `adaccounts serve` writes when stderr is not a terminal."""
+    stream = io.StringIO()
+    handler = logs.handler(stream, "json")
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def create_database(admin_url: str, name: str) -> URL:

@@ -10,7 +10,6 @@ import inspect
 import itertools
 import json
 import re
-import socket
 import subprocess
 import time
 import tomllib
@@ -52,24 +51,16 @@ from adaccounts import (
 )
 from adaccounts._common import channel_options
 from adaccounts.v1 import ad_accounts_pb2 as pb
+from client_helpers import CLIENTS, LIST_METHOD, FakeServer
 from conftest import RunningServer, new_account, test_settings
 from google.rpc import status_pb2
-
-CLIENTS = Path(__file__).resolve().parent.parent / "clients"
-LIST_METHOD = "/adaccounts.v1.AdAccountService/ListAdAccounts"
+from pg_instance import free_port
 
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> Iterator[AdAccountsClient]:
     with AdAccountsClient(server.target) as client:
         yield client
-
-
-def closed_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class CallRecorder(grpc.UnaryUnaryClientInterceptor):
@@ -84,29 +75,6 @@ class CallRecorder(grpc.UnaryUnaryClientInterceptor):
 
     def methods(self) -> list[str]:
         return [call.method for call in self.calls]
-
-
-class FakeServer:
-    """A gRPC server on a free loopback port answering every method with `behaviour(request, context)`
-    (bytes in, bytes out): for outcomes the real server cannot be made to produce on demand."""
-
-    def __init__(self, behaviour: Any) -> None:
-        self.behaviour = behaviour
-        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: self.behaviour(request, context))
-
-        class Everything(grpc.GenericRpcHandler):
-            def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-                return handler
-
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=4), handlers=[Everything()])
-        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-        self._server.start()
-
-    def __enter__(self) -> FakeServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.stop(None)
 
 
 # --- every method ----------------------------------------------------------------------------
@@ -367,7 +335,7 @@ def test_internal_carries_the_servers_error_id_and_request_id():
 
 def test_no_server_raises_connection_failed_naming_the_cause():
     """Never reached a server: its own class (an Unavailable), gRPC's reason in the message."""
-    with AdAccountsClient(f"127.0.0.1:{closed_port()}", connect_timeout=0.2) as client:
+    with AdAccountsClient(f"127.0.0.1:{free_port()}", connect_timeout=0.2) as client:
         with pytest.raises(ConnectionFailed) as caught:
             client.get(str(uuid.uuid4()))
         with pytest.raises(Unavailable):  # what 1.0 callers catch
@@ -438,7 +406,7 @@ def test_closing_the_client_cancels_a_call_in_progress_with_client_closed():
 
 
 def test_closing_the_client_ends_a_wait_for_a_connection_with_client_closed():
-    client = AdAccountsClient(f"127.0.0.1:{closed_port()}", connect_timeout=10)
+    client = AdAccountsClient(f"127.0.0.1:{free_port()}", connect_timeout=10)
     with ThreadPoolExecutor(1) as pool:
         call = pool.submit(client.get, str(uuid.uuid4()))
         time.sleep(0.3)

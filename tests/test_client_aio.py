@@ -23,8 +23,9 @@ from adaccounts import (
     Unavailable,
 )
 from adaccounts.v1 import ad_accounts_pb2 as pb
+from client_helpers import LIST_METHOD, FakeServer
 from conftest import new_account
-from test_client import LIST_METHOD, FakeServer, closed_port
+from pg_instance import free_port
 
 
 def test_the_async_client_has_the_same_methods_as_the_sync_one():
@@ -115,12 +116,12 @@ def test_errors_map_to_the_same_exceptions(server, clean_db):
 
         # Never reached a server: ConnectionFailed (an Unavailable), whether the wait for a
         # connection ends at connect_timeout or at the deadline, with the reason.
-        async with AsyncAdAccountsClient(f"127.0.0.1:{closed_port()}", connect_timeout=0.2) as nowhere:
+        async with AsyncAdAccountsClient(f"127.0.0.1:{free_port()}", connect_timeout=0.2) as nowhere:
             with pytest.raises(Unavailable) as caught:
                 await nowhere.get(str(uuid.uuid4()))
             assert isinstance(caught.value, ConnectionFailed)
             assert "Connection refused" in caught.value.details
-        async with AsyncAdAccountsClient(f"127.0.0.1:{closed_port()}", wait_for_ready=True, timeout=0.3) as waiting:
+        async with AsyncAdAccountsClient(f"127.0.0.1:{free_port()}", wait_for_ready=True, timeout=0.3) as waiting:
             with pytest.raises(ConnectionFailed):
                 await waiting.get(str(uuid.uuid4()))
 

@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,20 +28,6 @@ from pki import CertificateAuthority
 
 RPC_LOGGER = "adaccounts_server.rpc"
 GET = "/adaccounts.v1.AdAccountService/GetAdAccount"
-
-
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    """What the server logs meanwhile, as the JSON lines `adaccounts serve` writes when stderr is not a terminal."""
-    stream = io.StringIO()
-    handler = logs.handler(stream, "json")
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def json_lines(stream: io.StringIO) -> list[dict]:

@@ -7,7 +7,6 @@ database, not on a test double.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -141,7 +140,6 @@ def start_blocked_update(client: Client, lock_row, name: str) -> tuple[pb.AdAcco
 
 def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for, lock_row):
     server = RunningServer(test_settings(pg.url, SHUTDOWN_GRACE_S=15.0))
-    stopping = None
     try:
         client = client_for(server.target)
         wait_until(lambda: client.status() == SERVING, 10, message="SERVING")
@@ -157,7 +155,7 @@ def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for,
 
         server.app.database.close = recording_close  # type: ignore[method-assign]
 
-        stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+        stopping = server.begin_stop()
         wait_until(lambda: client.status() == NOT_SERVING, 5, message="NOT_SERVING")
 
         with pytest.raises(grpc.RpcError) as refused:
@@ -177,13 +175,7 @@ def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for,
             client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=2)
         assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        if stopping is None:
-            server.stop()
-        else:
-            stopping.result(timeout=30)
-            server._loop.call_soon_threadsafe(server._loop.stop)
-            server._thread.join(10)
-            server._loop.close()
+        server.stop()
 
     # The change was committed, not cut short.
     with psycopg.connect(pg.dsn) as connection, connection.cursor() as cursor:  # closed on leaving the block
@@ -346,7 +338,6 @@ def test_writes_answered_unavailable_at_the_end_of_the_grace_are_never_applied(p
     outcomes: Counter[str] = Counter()
     for run in range(20):
         server = RunningServer(test_settings(pg.url, SHUTDOWN_GRACE_S=grace))
-        stopping = None
         try:
             client = client_for(server.target)
             wait_until(lambda c=client: c.status() == SERVING, 10, message="SERVING")
@@ -356,7 +347,7 @@ def test_writes_answered_unavailable_at_the_end_of_the_grace_are_never_applied(p
             wait_until(
                 lambda held=lock: held.server_calls_waiting() == writers, 10, message="the updates to wait on the lock"
             )
-            stopping = asyncio.run_coroutine_threadsafe(server.app.stop(), server._loop)
+            server.begin_stop()
             time.sleep(grace + 0.05)
             lock.release()
             codes = []
@@ -367,13 +358,7 @@ def test_writes_answered_unavailable_at_the_end_of_the_grace_are_never_applied(p
                 except grpc.RpcError as error:
                     codes.append(error.code())
         finally:
-            if stopping is None:
-                server.stop()
-            else:
-                stopping.result(timeout=30)
-                server._loop.call_soon_threadsafe(server._loop.stop)
-                server._thread.join(10)
-                server._loop.close()
+            server.stop()
         with psycopg.connect(pg.dsn, autocommit=True) as connection:
             (version,) = connection.execute("SELECT version FROM ad_accounts WHERE id = %s", [account.id]).fetchone()
         applied = version - 1

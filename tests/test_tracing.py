@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -56,20 +54,6 @@ def test_a_call_and_its_sql_are_one_trace(database_url, clean_db, spans):
 
 def test_tracing_is_off_by_default(server):
     assert server.app.tracing is None
-
-
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    """What the servers log meanwhile, as the JSON lines `adaccounts serve` writes."""
-    stream = io.StringIO()
-    handler = logs.handler(stream, "json")
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def logged(stream: io.StringIO, logger: str, count: int) -> list[dict]:
