@@ -148,7 +148,7 @@ class _Handoff(logging.Handler):
 
     Formatting and writing each line on the event loop, or waking a writer for each
     line, cost a point read 20-30 % of its throughput: every GIL hand-over makes the
-    loop wait behind the worker threads, so the writer wakes at most every _GATHER_S.
+    loop wait behind another thread, so the writer wakes at most every _GATHER_S.
     The request id is read here, on the thread that logged (it lives in a context
     variable); the message and any traceback become text here too, so the record no
     longer holds arguments that may change or frames that keep objects alive.
