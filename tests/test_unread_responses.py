@@ -153,8 +153,10 @@ def test_a_call_counts_against_the_limit_until_its_response_is_written(database_
         caller = subprocess.Popen([sys.executable, "-c", CALLER, running.target, "1", "60"], stdout=subprocess.PIPE)
         try:
             assert caller.stdout is not None and caller.stdout.readline().strip() == b"sent"
-            caller.send_signal(signal.SIGSTOP)
             service = running.app.service
+            # "sent" means handed to gRPC: stop the caller only once its calls reached the server.
+            wait_until(lambda: service.unfinished == 8, 10, message="8 calls admitted")
+            caller.send_signal(signal.SIGSTOP)
             # Answered (no handler runs any more) but not written: they still hold their places.
             wait_until(lambda: service.in_flight == 0 and service.unfinished == 8, 10, message="8 unsent answers")
             time.sleep(0.5)
