@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import logs
 from .config import Settings
 from .db import open_database, safe_url
 from .health import DatabaseMonitor
@@ -55,6 +56,7 @@ class App:
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
+        logs.quiet_grpc_core()
         self.database = open_database(settings)
         self.repository = AdAccountRepository(self.database)
         self.service = AdAccountService(

@@ -32,13 +32,24 @@ GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
 FIELDS = ("rpc", "error_id")
 
 
-class _DropCancelledCalls(logging.Filter):
+class _DropEndedCalls(logging.Filter):
     """grpc.aio logs a traceback at ERROR for every call it cancels (the caller went away,
-    or the shutdown grace ran out). Neither is a server error: the call's own log line
-    says CANCELLED, and shutdown says how many calls it cut short."""
+    or the shutdown grace ran out), and for an answer it could not send because the call had
+    ended meanwhile (its deadline passed as the handler returned: "ExecuteBatchError raised
+    in core by servicer method"). None is a server error: the call's own log line says
+    CANCELLED or DEADLINE_EXCEEDED, and shutdown says how many calls it cut short."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.exc_info[0] is asyncio.CancelledError)
+        if record.exc_info and record.exc_info[0] is asyncio.CancelledError:
+            return False
+        return not str(record.msg).startswith("ExecuteBatchError raised in core by servicer method")
+
+
+def quiet_grpc_core() -> None:
+    """Drop grpc.aio's log records about calls that had ended (idempotent; every server does it)."""
+    grpc_aio = logging.getLogger(GRPC_AIO_LOGGER)
+    if not any(isinstance(f, _DropEndedCalls) for f in grpc_aio.filters):
+        grpc_aio.addFilter(_DropEndedCalls())
 
 
 def _no_trace_id() -> str | None:
@@ -258,6 +269,4 @@ def configure(level: str, log_format: str = "auto", stream: TextIO | None = None
     out = stream or sys.stderr
     root.addHandler(_Handoff(out, _formatter(log_format, out)))
     root.setLevel(level.upper())
-    grpc_aio = logging.getLogger(GRPC_AIO_LOGGER)
-    if not any(isinstance(f, _DropCancelledCalls) for f in grpc_aio.filters):
-        grpc_aio.addFilter(_DropCancelledCalls())
+    quiet_grpc_core()

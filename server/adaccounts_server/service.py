@@ -134,7 +134,12 @@ class AdAccountService:
         try:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidArgument.field("", request.description)
-            return await work(request, scope)
+            response = await work(request, scope)
+            if context.done():
+                # The deadline passed or the caller went away while this call ran: sending the
+                # answer would fail in gRPC's core (an ERROR with a traceback); end it as cancelled.
+                raise asyncio.CancelledError
+            return response
         except asyncio.CancelledError:
             if self._cutting_short:
                 # Answered here, so that gRPC has no call left to cancel as it stops
