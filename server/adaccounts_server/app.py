@@ -14,12 +14,13 @@ from grpc_reflection.v1alpha import reflection
 
 from . import logs
 from .config import Settings
-from .db import open_database, safe_url
+from .db import safe_url
 from .health import DatabaseMonitor
 from .interceptors import Authenticator, CallGuard
-from .metrics import Metrics, server_gauges
+from .metrics import Metrics, replica_metrics, server_gauges
 from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
+from .replicas import ReplicatedDatabase, open_database
 from .repository import AdAccountRepository
 from .service import SERVICE_NAME, AdAccountService, rpc_handlers
 from .tls import server_credentials
@@ -75,6 +76,9 @@ class App:
             self.metrics.watch(
                 lambda: server_gauges(self.database, lambda: self.monitor.serving, settings.MAX_CONCURRENT_RPCS)
             )
+            database = self.database
+            if isinstance(database, ReplicatedDatabase):
+                self.metrics.watch(lambda: replica_metrics(database))
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
@@ -143,6 +147,12 @@ class App:
         settings = self.settings
         self.server = self._build_server()
         log.info("database: %s", safe_url(self.database.url))
+        if isinstance(self.database, ReplicatedDatabase):
+            log.info(
+                "read replicas: %d (DATABASE_REPLICA_URLS), serving reads within REPLICA_MAX_LAG_S=%g s",
+                len(self.database.replicas),
+                settings.REPLICA_MAX_LAG_S,
+            )
         if self.database.is_sqlite:
             # The embedded default: bring the file to the current schema with the
             # same migrations as PostgreSQL. PostgreSQL is never migrated here.

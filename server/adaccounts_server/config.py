@@ -49,97 +49,222 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
-    DATABASE_URL: SecretStr | None = None
-    POSTGRES_SERVER: str | None = None
-    POSTGRES_PORT: Annotated[int, Field(gt=0, lt=65536)] = 5432
-    POSTGRES_USER: str = "postgres"
-    POSTGRES_PASSWORD: SecretStr = SecretStr("")
-    POSTGRES_DB: str = "app"
+    DATABASE_URL: SecretStr | None = Field(
+        None,
+        description="The database URL, e.g. `postgresql://app:secret@db:5432/app`. `postgresql://`, `postgres://`,"
+        " `postgresql+psycopg://` and `postgresql+psycopg2://` all select psycopg 3, the one PostgreSQL driver the"
+        " service ships (Secrets written for the psycopg2 releases keep working); `sqlite:///path` for a SQLite file."
+        " Unset: the `POSTGRES_*` parts when `POSTGRES_SERVER` is set, else the embedded SQLite file"
+        " `sqlite:///adaccounts.db`. A secret: logged with its password masked.",
+    )
+    POSTGRES_SERVER: str | None = Field(
+        None,
+        description="PostgreSQL's host. Used, with the other `POSTGRES_*` settings, only when `DATABASE_URL` is unset.",
+    )
+    POSTGRES_PORT: Annotated[int, Field(gt=0, lt=65536)] = Field(
+        5432, description="PostgreSQL's port; only with `POSTGRES_SERVER` and no `DATABASE_URL`."
+    )
+    POSTGRES_USER: str = Field("postgres", description="The role to connect as; only with `POSTGRES_SERVER`.")
+    POSTGRES_PASSWORD: SecretStr = Field(
+        SecretStr(""), description="The role's password (a secret, never logged); only with `POSTGRES_SERVER`."
+    )
+    POSTGRES_DB: str = Field("app", description="The database's name; only with `POSTGRES_SERVER`.")
 
-    # `adaccounts migrate` only: a role allowed to run DDL (the server's own
-    # role needs only DML). Unset: migrate uses the server's database URL.
-    MIGRATION_DATABASE_URL: SecretStr | None = None
-    # Each migration statement waits at most this long for a lock on a table in
-    # use, then the migration fails (exit 3) instead of queueing traffic behind it.
-    MIGRATION_LOCK_TIMEOUT_S: Seconds = 5.0
-    # Each migration statement may run at most this long (index builds that use
-    # CONCURRENTLY, which block no reads or writes, are exempt).
-    MIGRATION_STATEMENT_TIMEOUT_S: Seconds = 60.0
-    # How long a migrate waits for another one already running on the same
-    # database (a PostgreSQL advisory lock serialises them).
-    MIGRATION_WAIT_S: Seconds = 600.0
+    MIGRATION_DATABASE_URL: SecretStr | None = Field(
+        None,
+        description="`adaccounts migrate` only: the URL of a role allowed to run DDL (the server's own role needs"
+        " only DML). Unset: migrate uses the server's database URL. A secret, like `DATABASE_URL`.",
+    )
+    MIGRATION_LOCK_TIMEOUT_S: Seconds = Field(
+        5.0,
+        description="Each migration statement waits at most this long for a lock on a table in use, then the"
+        " migration fails (exit 3) instead of queueing the traffic behind it.",
+    )
+    MIGRATION_STATEMENT_TIMEOUT_S: Seconds = Field(
+        60.0,
+        description="Each migration statement may run at most this long, then the migration fails (exit 3); index"
+        " builds that use `CONCURRENTLY`, which block no reads or writes, are exempt.",
+    )
+    MIGRATION_WAIT_S: Seconds = Field(
+        600.0,
+        description="How long a migrate waits for another one already running on the same database (a PostgreSQL"
+        " advisory lock serialises them); exit 3 after.",
+    )
 
-    GRPC_HOST: str = "0.0.0.0"
-    GRPC_PORT: Annotated[int, Field(ge=0, lt=65536)] = 50051
+    GRPC_HOST: str = Field(
+        "0.0.0.0", description="The interface to listen on (`serve --host`), for gRPC and the metrics endpoint."
+    )
+    GRPC_PORT: Annotated[int, Field(ge=0, lt=65536)] = Field(
+        50051, description="The port to listen on (`serve --port`); 0 picks a free one."
+    )
 
-    # PostgreSQL connections each worker process keeps: every call's database work is
-    # awaited on the event loop, a call holding one connection while its statements run.
-    # (The health monitor has one more of its own.) The embedded SQLite default uses one.
-    DB_POOL_SIZE: Positive = 8
-    # How long a call waits for a pooled connection before it fails UNAVAILABLE.
-    DB_POOL_TIMEOUT: Seconds = 2.0
-    DB_POOL_RECYCLE: Seconds = 1800.0
-    # Test a pooled connection with a round trip before lending it, when it has been idle
-    # longer than DB_POOL_PRE_PING_IDLE_S (busy connections are not pinged: a dead one is
-    # found by its first statement, which discards every older connection and, for reads,
-    # is retried once). `false` only to measure the cost (bench/).
-    DB_POOL_PRE_PING: bool = True
-    DB_POOL_PRE_PING_IDLE_S: Annotated[float, Field(ge=0)] = 1.0
-    DB_CONNECT_TIMEOUT: Positive = 3
-    # No statement runs longer than this, nor longer than its caller's deadline.
-    DB_STATEMENT_TIMEOUT_MAX_S: Seconds = 30.0
+    DB_POOL_SIZE: Positive = Field(
+        8,
+        description="PostgreSQL connections each worker process keeps (`psycopg_pool`, opened at start, reopened on"
+        " demand after an outage). Every call's database work is awaited on the event loop, a call holding one"
+        " connection while its statements run: this bounds the statements in progress at once, not the calls. A"
+        " worker opens `DB_POOL_SIZE` + 1 connections: its health monitor has one of its own, so busy calls never"
+        " read as a database that is down. The embedded SQLite default uses one.",
+    )
+    DB_POOL_TIMEOUT: Seconds = Field(
+        2.0, description="How long a call waits for a pooled connection before it fails UNAVAILABLE."
+    )
+    DB_POOL_RECYCLE: Seconds = Field(1800.0, description="Pooled connections older than this are replaced.")
+    DB_POOL_PRE_PING: bool = Field(
+        True,
+        description="Test a pooled connection with a round trip before lending it, when it has been idle longer"
+        " than `DB_POOL_PRE_PING_IDLE_S`. Busy connections are not pinged: a dead one is found by its first"
+        " statement, which discards every older connection and, for reads, is retried once, so a restarted"
+        " database causes no failed calls once it is back. `false` only to measure the cost (bench/).",
+    )
+    DB_POOL_PRE_PING_IDLE_S: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="With `DB_POOL_PRE_PING`: how long a connection must have been idle to be pinged first."
+    )
+    DB_CONNECT_TIMEOUT: Positive = Field(3, description="TCP connect timeout to PostgreSQL, in whole seconds.")
+    DB_STATEMENT_TIMEOUT_MAX_S: Seconds = Field(
+        30.0,
+        description="No statement runs longer than this, nor longer than its caller's deadline: each gets"
+        " `statement_timeout` = min(this, the caller's remaining deadline), and a caller that cancels or runs out"
+        " of time gets its statement cancelled in PostgreSQL.",
+    )
 
-    # Calls in progress at once (health and reflection aside); past it, calls are
-    # refused with RESOURCE_EXHAUSTED at once instead of queueing.
-    MAX_CONCURRENT_RPCS: Positive = 128
-    # Largest request; a bigger one is refused with RESOURCE_EXHAUSTED before it is read, whoever
-    # sends it (authentication comes after). The largest real request, BatchGet of 1,000 ids,
-    # is ~40 KB; 100 streams per connection at this limit hold at most 25 MiB.
-    GRPC_MAX_REQUEST_BYTES: Positive = 256 * 1024
-    # Largest response (a List page of 1,000 accounts is ~300 KB).
-    GRPC_MAX_MESSAGE_BYTES: Positive = 4 * 1024 * 1024
-    # Connections are closed gracefully after this long, so clients rebalance.
-    GRPC_MAX_CONNECTION_AGE_S: Seconds = 300.0
-    # Server processes sharing the port (`serve --workers`), each with its own event loop and pool.
-    GRPC_WORKERS: Positive = 1
-    # Calls one connection (one HTTP/2 connection) may have open at once; the client queues the rest.
-    GRPC_MAX_CONCURRENT_STREAMS: Positive = 100
+    DATABASE_REPLICA_URLS: SecretStr | None = Field(
+        None,
+        description="Read replicas: PostgreSQL streaming standbys, comma-separated, in the same URL forms as"
+        " `DATABASE_URL`. GetAdAccount, BatchGetAdAccounts and ListAdAccounts are served by one whose replay is"
+        " within `REPLICA_MAX_LAG_S` (and, for a read that sends a consistency token, that has replayed at least"
+        " that far); writes, and reads no replica qualifies for, go to the primary (`DATABASE_URL`). Unset: none.",
+    )
+    REPLICA_MAX_LAG_S: Seconds = Field(
+        5.0,
+        description="How stale a replica may be and still serve reads that send no consistency token; must be"
+        " longer than `HEALTH_CHECK_INTERVAL_S`, which is how often the lag is measured.",
+    )
+    REPLICA_READ_TIMEOUT_S: Seconds = Field(
+        1.0,
+        description="The longest a read waits for a replica (and at most half the call's remaining deadline)"
+        " before it is asked of the primary instead: a replica that is down or stalled delays reads, never"
+        " fails them.",
+    )
 
-    # Transport security: "off" (plaintext) is the default for now, so that `adaccounts serve`
-    # works with no setup; "tls" serves GRPC_TLS_CERT_FILE/KEY_FILE; "mtls" also requires
-    # every client to present a certificate signed by GRPC_TLS_CLIENT_CA_FILE. The files are
-    # read again when they change (certificate rotation without a restart).
-    GRPC_TLS: Literal["off", "tls", "mtls"] = "off"
-    GRPC_TLS_CERT_FILE: Path | None = None
-    GRPC_TLS_KEY_FILE: Path | None = None
-    GRPC_TLS_CLIENT_CA_FILE: Path | None = None
+    MAX_CONCURRENT_RPCS: Positive = Field(
+        128,
+        description="Calls in progress at once (health and reflection aside); past it, calls are refused with"
+        " RESOURCE_EXHAUSTED at once instead of queueing.",
+    )
+    GRPC_MAX_REQUEST_BYTES: Positive = Field(
+        256 * 1024,
+        description="The largest request; a bigger one is refused with RESOURCE_EXHAUSTED before it is read,"
+        " whoever sends it (authentication comes after). The largest real request, BatchGet of 1,000 ids, is"
+        " ~40 KB; 100 streams per connection at this limit hold at most 25 MiB.",
+    )
+    GRPC_MAX_MESSAGE_BYTES: Positive = Field(
+        4 * 1024 * 1024, description="The largest response (a List page of 1,000 accounts is ~300 KB)."
+    )
+    GRPC_MAX_CONNECTION_AGE_S: Seconds = Field(
+        300.0,
+        description="Connections are closed gracefully (30 s grace) after this long, so clients rebalance over"
+        " workers and pods.",
+    )
+    GRPC_WORKERS: Positive = Field(
+        1,
+        description="Server processes sharing the port (`serve --workers`), each with its own event loop, pool and"
+        " health monitor. A supervisor forwards SIGTERM, replaces a worker that dies and exits 0 once all have"
+        " stopped. One worker keeps about one CPU busy: on a VM, one per CPU; in Kubernetes, scale pods.",
+    )
+    GRPC_MAX_CONCURRENT_STREAMS: Positive = Field(
+        100,
+        description="Calls one client connection (one HTTP/2 connection) may have open at once; the client queues"
+        " the rest, so one connection cannot take every slot of `MAX_CONCURRENT_RPCS`.",
+    )
 
-    # How long a CreateAdAccount request_id is remembered (AIP-155): within it, a retry gets the
-    # account it created as it is now (NOT_FOUND once deleted), the id with another request
-    # INVALID_ARGUMENT; after it, the id is forgotten and creates a new account. 7 days.
-    REQUEST_ID_RETENTION_S: Seconds = 7 * 24 * 3600.0
+    GRPC_TLS: Literal["off", "tls", "mtls"] = Field(
+        "off",
+        description="Transport security. `off`: plaintext, the default for now, so that `adaccounts serve` works"
+        " with no setup; `tls`: serve `GRPC_TLS_CERT_FILE` and `GRPC_TLS_KEY_FILE`; `mtls`: also require every"
+        " client to present a certificate signed by `GRPC_TLS_CLIENT_CA_FILE`. The files are read again when they"
+        " change (certificate rotation without a restart).",
+    )
+    GRPC_TLS_CERT_FILE: Path | None = Field(
+        None,
+        description="PEM certificate chain; required by `tls` and `mtls`, an error with `off` (a forgotten"
+        " `GRPC_TLS` never means plaintext silently).",
+    )
+    GRPC_TLS_KEY_FILE: Path | None = Field(
+        None, description="PEM private key of `GRPC_TLS_CERT_FILE`; required by `tls` and `mtls`, an error with `off`."
+    )
+    GRPC_TLS_CLIENT_CA_FILE: Path | None = Field(
+        None,
+        description="PEM CA bundle that client certificates must chain to; required by `mtls`, an error otherwise.",
+    )
 
-    HEALTH_CHECK_INTERVAL_S: Seconds = 1.0
-    HEALTH_CHECK_TIMEOUT_S: Seconds = 2.0
-    SHUTDOWN_GRACE_S: Annotated[float, Field(ge=0)] = 10.0
+    REQUEST_ID_RETENTION_S: Seconds = Field(
+        7 * 24 * 3600.0,
+        description="How long a CreateAdAccount `request_id` is remembered (AIP-155), 7 days: within it, a retry"
+        " gets the account it created as it is now (NOT_FOUND once deleted), the id with another request"
+        " INVALID_ARGUMENT; after it, the id is forgotten and creates a new account. Every worker forgets older"
+        " ones once a minute, in batches.",
+    )
 
-    PAGE_TOKEN_SECRET: SecretStr | None = None
-    LOG_LEVEL: str = "INFO"
-    # "auto": one JSON object per line when stderr is not a terminal, text when it is.
-    LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
+    HEALTH_CHECK_INTERVAL_S: Seconds = Field(
+        1.0, description="How often the health monitor pings the database (`SELECT 1`, on a connection of its own)."
+    )
+    HEALTH_CHECK_TIMEOUT_S: Seconds = Field(
+        2.0, description="A ping slower than this counts as a failure: readiness goes NOT_SERVING."
+    )
+    SHUTDOWN_GRACE_S: Annotated[float, Field(ge=0)] = Field(
+        10.0,
+        description="After SIGTERM, how long calls in progress may take to finish; those still running then are"
+        " answered UNAVAILABLE.",
+    )
 
-    # Bearer tokens of the calling services, as JSON: {"<sha256 hex of the token>":
-    # {"name": "billing", "scope": "read" | "read-write"}, ...}. Unset: no authentication.
-    AUTH_TOKENS: SecretStr | None = None
-    # gRPC server reflection (what grpcurl lists and describes); like health, it needs no token.
-    GRPC_REFLECTION: bool = True
-    # A second, plaintext port that serves only grpc.health.v1 (unset: none). Kubernetes'
-    # native gRPC probes cannot speak TLS, so with GRPC_TLS=tls|mtls point them here.
-    GRPC_HEALTH_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = None
-    # Prometheus metrics over HTTP at http://GRPC_HOST:METRICS_PORT/metrics; unset: off; 0: any free port.
-    METRICS_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = None
-    # OpenTelemetry traces (each call and its SQL), sent over OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT.
-    TRACING: Literal["off", "otlp"] = "off"
+    PAGE_TOKEN_SECRET: SecretStr | None = Field(
+        None,
+        description="HMAC key for page tokens, at least 16 characters, the same on every replica. Required by"
+        " `serve` with a configured database (a development value serves the SQLite default; `migrate` and"
+        " `alembic` never read it). Several keys, separated by commas (`new,old`; a key cannot hold a comma):"
+        " tokens are signed with the first and accepted under any, so the key rotates without breaking walks in"
+        " progress. A secret: a bad key is named by its position, never its value.",
+    )
+    LOG_LEVEL: str = Field(
+        "INFO",
+        description="DEBUG, INFO, WARNING or ERROR. WARNING keeps only the calls that failed on the server's side.",
+    )
+    LOG_FORMAT: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="`auto`: one JSON object per line when stderr is not a terminal, text when it is; or `json`,"
+        " `text`.",
+    )
+
+    AUTH_TOKENS: SecretStr | None = Field(
+        None,
+        description='Bearer tokens of the calling services, as JSON: `{"<sha256 hex of the token>": {"name":'
+        ' "billing", "scope": "read"}, ...}`, scope `read` or `read-write`. Unset: no authentication.'
+        " A secret: a bad entry is named by its position, never its value.",
+    )
+    GRPC_REFLECTION: bool = Field(
+        True,
+        description="gRPC server reflection (what grpcurl lists and describes); like health, it needs no token."
+        " `false` hides the schema.",
+    )
+    GRPC_HEALTH_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = Field(
+        None,
+        description="A second, plaintext port that serves only grpc.health.v1 (unset: none). Kubernetes' native gRPC"
+        " probes cannot speak TLS, so with `GRPC_TLS` `tls` or `mtls` point them here; with `--workers`, use a"
+        " fixed port.",
+    )
+    METRICS_PORT: Annotated[int, Field(ge=0, lt=65536)] | None = Field(
+        None,
+        description="Prometheus metrics over HTTP at `http://GRPC_HOST:METRICS_PORT/metrics` (9464 is the usual"
+        " choice); unset: off; 0: any free port. With `--workers N`, worker i serves on `METRICS_PORT` + i.",
+    )
+    TRACING: Literal["off", "otlp"] = Field(
+        "off",
+        description="`otlp`: OpenTelemetry traces, each call's span with its SQL statements' spans inside,"
+        " continuing the caller's `traceparent`, sent over OTLP/gRPC as the standard"
+        " `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_SERVICE_NAME` (default"
+        " `adaccounts`) say; a call's log lines carry its `trace_id`. Needs the `tracing` extra.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -150,6 +275,8 @@ class Settings(BaseSettings):
         _check_url("DATABASE_URL", lambda: self.database_url)
         if self.MIGRATION_DATABASE_URL is not None:
             _check_url("MIGRATION_DATABASE_URL", lambda: self.migration_database_url)
+        if self.DATABASE_REPLICA_URLS is not None:
+            _check_replicas(self)
         return self
 
     def check_serving(self) -> None:
@@ -188,6 +315,13 @@ class Settings(BaseSettings):
                 database=self.POSTGRES_DB,
             )
         return make_url(EMBEDDED_DATABASE_URL)
+
+    @cached_property
+    def replica_urls(self) -> tuple[URL, ...]:
+        """DATABASE_REPLICA_URLS, each in the one driver's form; () when unset."""
+        if self.DATABASE_REPLICA_URLS is None:
+            return ()
+        return tuple(_one_driver(make_url(text)) for text in _replica_texts(self.DATABASE_REPLICA_URLS))
 
     @cached_property
     def migration_database_url(self) -> URL:
@@ -264,6 +398,28 @@ def _check_url(name: str, get_url: Callable[[], URL]) -> None:
     if url.drivername not in (POSTGRES_DRIVER, *SQLITE_URL_FORMS):
         raise ValueError(
             f"{name}: driver {url.drivername!r} is not supported: use postgresql:// (psycopg 3) or sqlite://"
+        )
+
+
+def _replica_texts(urls: SecretStr) -> list[str]:
+    return [text.strip() for text in urls.get_secret_value().split(",") if text.strip()]
+
+
+def _check_replicas(settings: Settings) -> None:
+    """Each replica URL a PostgreSQL one, beside a PostgreSQL primary; a URL is named by its
+    position only (the value may hold a password)."""
+    assert settings.DATABASE_REPLICA_URLS is not None
+    texts = _replica_texts(settings.DATABASE_REPLICA_URLS)
+    for number, text in enumerate(texts, start=1):
+        name = f"DATABASE_REPLICA_URLS (URL {number} of {len(texts)})"
+        _check_url(name, lambda text=text: _one_driver(make_url(text)))  # type: ignore[misc]
+        if _one_driver(make_url(text)).get_backend_name() != "postgresql":
+            raise ValueError(f"{name}: a read replica must be PostgreSQL")
+    if texts and settings.database_url.get_backend_name() != "postgresql":
+        raise ValueError("DATABASE_REPLICA_URLS: read replicas need a PostgreSQL DATABASE_URL (the primary)")
+    if settings.REPLICA_MAX_LAG_S <= settings.HEALTH_CHECK_INTERVAL_S:
+        raise ValueError(
+            "REPLICA_MAX_LAG_S: must be longer than HEALTH_CHECK_INTERVAL_S (the lag is measured once per health check)"
         )
 
 

@@ -83,6 +83,10 @@ class Busy(DatabaseError):
 class TimedOut(DatabaseError):
     """The call's deadline (or DB_STATEMENT_TIMEOUT_MAX_S) ran out before the database answered."""
 
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered  # the database itself cancelled the statement (it is alive)
+
 
 class CommitUnknown(DatabaseError):
     """COMMIT was sent but its answer never came: the write may or may not have been applied."""
@@ -96,10 +100,20 @@ class UniqueViolation(DatabaseError):
 
 
 class CallScope:
-    """What the database work of one RPC must respect: its caller's deadline."""
+    """What the database work of one RPC must respect: its caller's deadline, and the
+    database state it must see at least (a consistency token: a WAL position). The database
+    records in `lsn` the position of the state the call saw or made, for the caller's token."""
 
-    def __init__(self, deadline: float | None) -> None:
+    __slots__ = ("deadline", "lsn", "min_lsn")
+
+    def __init__(self, deadline: float | None, min_lsn: int | None = None) -> None:
         self.deadline = deadline  # time.monotonic() value; None for no deadline
+        self.min_lsn = min_lsn
+        self.lsn: int | None = None
+
+    def saw(self, lsn: int | None) -> None:
+        if lsn is not None and (self.lsn is None or lsn > self.lsn):
+            self.lsn = lsn
 
     def remaining(self) -> float | None:
         """Seconds left; TimedOut when none are."""
@@ -173,6 +187,11 @@ class Database(ABC):
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
         """The rows of one read-only statement, outside any transaction; retried once on a
         fresh connection if the first one turns out dead (a database restart costs no call)."""
+
+    async def read(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
+        """Like fetch, for a caller's read that a replica may serve (replicas.py); the others
+        (a create's lookups, say) must see the primary and use fetch."""
+        return await self.fetch(statement, parameters, scope)
 
     @abstractmethod
     def transaction(self, scope: CallScope) -> AbstractAsyncContextManager[Transaction]:
@@ -249,9 +268,26 @@ _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 
 
+# The WAL position of the state a statement saw, asked in the same message after it: on the
+# primary, everything committed so far; on a standby, everything replayed so far.
+PRIMARY_POSITION = b"SELECT pg_current_wal_insert_lsn()"
+STANDBY_POSITION = b"SELECT pg_last_wal_replay_lsn()"
+
+
 class PostgresDatabase(Database):
-    def __init__(self, settings: Settings) -> None:
+    """One PostgreSQL server: the primary (DATABASE_URL), or a read replica (replicas.py),
+    which a `role` of "replica-N" marks: its reads give up at their budget without waiting
+    for a cancel (the statement_timeout ends the statement there) and are never retried here."""
+
+    def __init__(self, settings: Settings, url: URL | None = None, *, role: str = "primary") -> None:
         super().__init__(settings)
+        if url is not None:
+            self.url = url
+        self.role = role
+        self.is_replica = role != "primary"
+        self._name = role if self.is_replica else "database"  # in log lines: never the URL
+        # Set when replicas are configured: each read reports the position of what it saw.
+        self.position_query: bytes | None = None
         self._dialect = PsycopgDialect()
         self._compiled: dict[sa.Executable, _Compiled] = {}
         self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -259,7 +295,7 @@ class PostgresDatabase(Database):
         self._transformers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._ping_idle_s = settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None
         self._connect_timeout = settings.DB_CONNECT_TIMEOUT
-        self._conninfo_kwargs = libpq_parameters(settings.database_url, settings.DB_CONNECT_TIMEOUT)
+        self._conninfo_kwargs = libpq_parameters(self.url, settings.DB_CONNECT_TIMEOUT)
         self._pool = AsyncConnectionPool(
             # Autocommit: a lone read needs no transaction; writes send their own BEGIN (below).
             kwargs={**self._conninfo_kwargs, "autocommit": True},
@@ -273,7 +309,7 @@ class PostgresDatabase(Database):
             reconnect_timeout=float(settings.DB_CONNECT_TIMEOUT),
             configure=self._configure,
             check=self._check,
-            name="adaccounts",
+            name=f"adaccounts-{role}",
             open=False,
         )
         self._monitor_connection: Any = None  # the health monitor's own (see ping)
@@ -311,7 +347,7 @@ class PostgresDatabase(Database):
         if time.monotonic() - self._idle_since.get(connection, 0.0) < self._ping_idle_s:
             return
         async with asyncio.timeout(self._connect_timeout):
-            await _exchange(connection, b"SELECT 1")
+            await _exchange(connection, b"SELECT 1", stop=not self.is_replica)
 
     async def _getconn(self) -> Any:
         try:
@@ -352,9 +388,11 @@ class PostgresDatabase(Database):
         scope: CallScope,
         *,
         begin: bool = False,
+        position: bytes | None = None,
     ) -> tuple[list[Row], int | None]:
         """The statement's rows, in one message with the call's statement_timeout; with
-        `begin`, the message also opens a transaction and the second value is its id."""
+        `begin`, the message also opens a transaction and the second value is its id; with a
+        `position` query, the message ends with it and `scope` learns the position."""
         compiled = self._compile(statement)
         timeout_ms = self.timeout_ms(scope)
         transformer = self._transformers[connection]
@@ -365,12 +403,18 @@ class PostgresDatabase(Database):
                 b"BEGIN; SELECT txid_current(); " if begin else b"",
                 b"SET LOCAL statement_timeout = %d; " % timeout_ms,
                 compiled.render(transformer, parameters),
+                b"; " + position if position else b"",
             )
         )
+        # A replica gets no grace: a stalled one costs the read its replica budget, not more.
+        grace = 0.0 if self.is_replica else ANSWER_GRACE_S
         with self._span(compiled.sql):
-            async with asyncio.timeout(timeout_ms / 1000 + ANSWER_GRACE_S):
-                results = await _exchange(connection, sql)
+            async with asyncio.timeout(timeout_ms / 1000 + grace):
+                results = await _exchange(connection, sql, stop=not self.is_replica)
         xid = int(results[1].get_value(0, 0)) if begin else None  # type: ignore[arg-type]
+        if position:
+            scope.saw(parse_lsn(results[-1].get_value(0, 0)))
+            results.pop()
         last = results[-1]
         if compiled.make_row is None or last.status != _TUPLES_OK:
             return [], xid
@@ -380,7 +424,8 @@ class PostgresDatabase(Database):
     async def _commit_status(self, xid: int, scope: CallScope) -> str | None:
         """'committed' or 'aborted' (PostgreSQL's txid_status), asked on another connection
         after the one that sent COMMIT was lost; asked again until the caller's deadline (a
-        restarting database answers once it is back); None when it could not be learnt."""
+        restarting database answers once it is back); None when it could not be learnt. The
+        scope learns the WAL position then (after the commit, if it committed)."""
         while True:
             try:
                 remaining = scope.remaining()
@@ -389,9 +434,12 @@ class PostgresDatabase(Database):
             budget = self.max_statement_s if remaining is None else min(remaining, self.max_statement_s)
             try:
                 async with asyncio.timeout(budget), self._connection() as connection:
-                    (result,) = await _exchange(connection, b"SELECT txid_status(%d)" % xid)
+                    (result,) = await _exchange(
+                        connection, b"SELECT txid_status(%d), pg_current_wal_insert_lsn()" % xid
+                    )
                 status = (result.get_value(0, 0) or b"").decode()
                 if status in ("committed", "aborted"):
+                    scope.saw(parse_lsn(result.get_value(0, 1)))
                     return status
             except TimeoutError:
                 return None
@@ -401,19 +449,21 @@ class PostgresDatabase(Database):
 
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
         try:
-            return await self._fetch_once(statement, parameters, scope)
+            return await self.fetch_once(statement, parameters, scope)
         except Unreachable as error:
             if not error.connection_lost:
                 raise
             log.info("retrying a read on a fresh connection")
-        return await self._fetch_once(statement, parameters, scope)
+        return await self.fetch_once(statement, parameters, scope)
 
-    async def _fetch_once(
+    async def fetch_once(
         self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope
     ) -> list[Row]:
+        """One attempt at a read, on one pooled connection (a replica's reads are never
+        retried on the replica: replicas.py asks the primary instead)."""
         connection = await self._getconn()  # not _connection(): a read is the hot path
         try:
-            rows, _ = await self._round_trip(connection, statement, parameters, scope)
+            rows, _ = await self._round_trip(connection, statement, parameters, scope, position=self.position_query)
             return rows
         except Exception as error:
             translated = await self._translate(error, connection)
@@ -441,11 +491,11 @@ class PostgresDatabase(Database):
             return TimedOut("the database did not answer before the deadline")
         if isinstance(error, psycopg.Error):
             if error.sqlstate == QUERY_CANCELED:
-                return TimedOut("the database did not answer before the deadline")
+                return TimedOut("the database did not answer before the deadline", answered=True)
             if error.sqlstate == UNIQUE_VIOLATION:
                 return UniqueViolation(getattr(error.diag, "constraint_name", None) or "unique constraint")
             if connection.broken or connection.closed or isinstance(error, psycopg.OperationalError):
-                log.warning("database unavailable: %s", type(error).__name__)
+                log.warning("%s unavailable: %s", self._name, type(error).__name__)
                 if connection.broken or connection.closed:
                     # The database restarted or dropped us: the pooled connections are as dead as this one.
                     await self._pool.drain()
@@ -497,6 +547,25 @@ class PostgresDatabase(Database):
             raise
         self._reachable = True
 
+    async def ping_position(self, timeout: float) -> int:
+        """A ping that also answers the primary's WAL position (how far it has written)."""
+        try:
+            ((position,),) = await self._monitor_query(PRIMARY_POSITION.decode(), timeout)
+        except DatabaseError:
+            self._reachable = False
+            raise
+        self._reachable = True
+        return lsn_value(position)
+
+    async def replay_position(self, timeout: float) -> int:
+        """A standby's replay position; Unreachable when this server is not a standby."""
+        ((standby, position),) = await self._monitor_query(
+            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text", timeout
+        )
+        if not standby or position is None:
+            raise Unreachable("not a standby (pg_is_in_recovery() is false): it is not replicating")
+        return lsn_value(position)
+
     async def schema_revisions(self, timeout: float) -> tuple[str, ...]:
         exists = await self._monitor_query("SELECT to_regclass('alembic_version') IS NOT NULL", timeout)
         if not exists[0][0]:
@@ -534,7 +603,9 @@ class _PostgresTransaction(Transaction):
     async def commit(self) -> None:
         connection = self._connection
         timeout_s = self._db.timeout_ms(NO_DEADLINE) / 1000 + ANSWER_GRACE_S
-        committing = asyncio.ensure_future(_execute_within(connection, b"COMMIT", timeout_s))
+        # The position after COMMIT is the caller's consistency token: a read that sends it back
+        # is served by a database that has replayed this write.
+        committing = asyncio.ensure_future(_execute_within(connection, b"COMMIT; " + PRIMARY_POSITION, timeout_s))
         try:
             await asyncio.wait([committing])
         except asyncio.CancelledError:
@@ -546,6 +617,7 @@ class _PostgresTransaction(Transaction):
                 task.uncancel()
         error = committing.exception()
         if error is None:
+            self._scope.saw(parse_lsn(committing.result()[-1].get_value(0, 0)))
             return
         if isinstance(error, psycopg.Error) and error.sqlstate:
             # PostgreSQL answered COMMIT with an error (shutting down, say): not committed.
@@ -575,14 +647,16 @@ class _PostgresTransaction(Transaction):
             raise
 
 
-async def _execute_within(connection: Any, sql: bytes, timeout_s: float) -> None:
+async def _execute_within(connection: Any, sql: bytes, timeout_s: float) -> list[Any]:
     async with asyncio.timeout(timeout_s):
-        await _exchange(connection, sql)
+        return await _exchange(connection, sql)
 
 
-async def _exchange(connection: Any, sql: bytes) -> list[Any]:
+async def _exchange(connection: Any, sql: bytes, *, stop: bool = True) -> list[Any]:
     """Send one simple-query message and gather every result, the event loop watching the
     socket; a result that is an error is raised as psycopg's exception for its SQLSTATE.
+    Interrupted, it cancels the statement in PostgreSQL first, unless `stop` is false (a
+    replica's read: its statement_timeout ends it there, and the pool closes the connection).
 
     This is what psycopg's cursor does for a query, on its documented libpq layer
     (`connection.pgconn`) without the cursor: the cursor costs twice the event loop's CPU per
@@ -594,7 +668,7 @@ async def _exchange(connection: Any, sql: bytes) -> list[Any]:
             await _ready(pgconn.socket, write=True)
         results = await _results(pgconn)
     except BaseException as error:
-        if not (isinstance(error, psycopg.Error) and connection.closed):
+        if stop and not (isinstance(error, psycopg.Error) and connection.closed):
             await _stop_statement(connection)
         raise
     for result in results:
@@ -658,6 +732,17 @@ async def _close_quietly(connection: Any) -> None:
         await connection.close()
     except Exception as error:  # already broken
         log.debug("closing a connection failed: %s", type(error).__name__)
+
+
+def lsn_value(text: Any) -> int:
+    """PostgreSQL's `X/Y` WAL position (pg_lsn) as one integer: greater is later."""
+    high, _, low = str(text).partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def parse_lsn(value: bytes | None) -> int | None:
+    """A pg_lsn from a result's text cell (None: NULL, as on a standby not yet replaying)."""
+    return None if value is None else lsn_value(value.decode())
 
 
 def _db_value(value: Any) -> Any:

@@ -23,7 +23,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -32,6 +32,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import logs
+
+if TYPE_CHECKING:
+    from .replicas import ReplicatedDatabase
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +201,42 @@ def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> 
         "Log lines dropped because the log output was not read fast enough.",
         value=logs.dropped_lines(),
     )
+
+
+def replica_metrics(database: ReplicatedDatabase) -> Iterator[Any]:
+    """Where reads went and what is known of each replica (with DATABASE_REPLICA_URLS). The
+    targets are named by role (primary, replica-N: the Nth URL), never by address."""
+    reads = CounterMetricFamily(
+        "adaccounts_db_reads", "Reads served, by database: the primary or a replica.", labels=("target",)
+    )
+    reads.add_metric(("primary",), database.primary_reads)
+    for replica in database.replicas:
+        reads.add_metric((replica.name,), replica.reads)
+    yield reads
+    fallbacks = CounterMetricFamily(
+        "adaccounts_db_replica_fallbacks",
+        "Reads served by the primary although replicas are configured, by why: none_in_rotation (every replica"
+        " down, stalled or staler than REPLICA_MAX_LAG_S), token (none has replayed the caller's consistency"
+        " token yet), failed (the replica chosen failed or did not answer in time).",
+        labels=("reason",),
+    )
+    for reason in ("none_in_rotation", "token", "failed"):
+        fallbacks.add_metric((reason,), database.fallbacks[reason])
+    yield fallbacks
+    lag = GaugeMetricFamily(
+        "adaccounts_db_replica_lag_seconds",
+        "How stale each replica may be, as this worker last measured it (absent until measured).",
+        labels=("target",),
+    )
+    rotation = GaugeMetricFamily(
+        "adaccounts_db_replica_in_rotation",
+        "1 while the replica answers and is within REPLICA_MAX_LAG_S, so it serves reads; else 0.",
+        labels=("target",),
+    )
+    for replica in database.replicas:
+        seconds = database.lag_s(replica)
+        if seconds is not None:
+            lag.add_metric((replica.name,), seconds)
+        rotation.add_metric((replica.name,), 1 if database.in_rotation(replica) else 0)
+    yield lag
+    yield rotation

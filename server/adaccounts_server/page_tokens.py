@@ -38,6 +38,9 @@ class Position(NamedTuple):
 
     key: datetime | str
     id: uuid.UUID
+    # The WAL position of the database state the page was read at (with read replicas): the
+    # next page is read from a database at least that far along, so a walk never goes back.
+    lsn: int | None = None
 
 
 _MAC_BYTES = 16
@@ -65,9 +68,11 @@ class PageTokens:
         return f"PageTokens(<{len(self._keys)} key(s)>)"
 
     def mint(self, filters: ListFilters, position: Position) -> str:
-        payload = json.dumps(
-            [_VERSION, _encode_key(position.key), str(position.id)], separators=(",", ":"), ensure_ascii=False
-        ).encode()
+        content: list[object] = [_VERSION, _encode_key(position.key), str(position.id)]
+        if position.lsn is not None:
+            # Only with read replicas, so a release before them (a rolling deploy) never sees one.
+            content.append(position.lsn)
+        payload = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
         return f"{_b64encode(payload)}.{_b64encode(self._mac(self._keys[0], filters.fingerprint(), payload))}"
 
     def read(self, token: str, filters: ListFilters) -> Position:
@@ -109,11 +114,15 @@ def _encode_key(key: datetime | str) -> int | str:
 
 
 def _position(payload: bytes, *, by_name: bool) -> Position:
-    """The position in a token's payload, `[version, key, id]`, checked value by value."""
+    """The position in a token's payload, `[version, key, id]` or `[version, key, id, lsn]`,
+    checked value by value."""
     content = json.loads(payload.decode())
-    if not isinstance(content, list) or len(content) != 3:
-        raise _Invalid("not [version, key, id]")
-    version, key, row_id = content
+    if not isinstance(content, list) or len(content) not in (3, 4):
+        raise _Invalid("not [version, key, id(, lsn)]")
+    version, key, row_id = content[:3]
+    lsn = content[3] if len(content) == 4 else None
+    if lsn is not None and (type(lsn) is not int or not 0 <= lsn < 2**64):
+        raise _Invalid("lsn is not a WAL position")
     if type(version) is not int or version != _VERSION:
         raise _Invalid("unknown version")
     if not isinstance(row_id, str) or not _is_canonical_uuid(row_id):
@@ -124,11 +133,11 @@ def _position(payload: bytes, *, by_name: bool) -> Position:
         # rows stored under older rules must still resume.
         if not isinstance(key, str) or len(key) > models.NAME_MAX or "\0" in key or not _encodable(key):
             raise _Invalid("name key is not a name")
-        return Position(key, uuid.UUID(row_id))
+        return Position(key, uuid.UUID(row_id), lsn)
     # type(): a bool is an int, and a float is not one; the range is what a datetime holds.
     if type(key) is not int or not _MIN_MICROS <= key <= _MAX_MICROS:
         raise _Invalid("time key is not a time")
-    return Position(_EPOCH + key * _MICROSECOND, uuid.UUID(row_id))
+    return Position(_EPOCH + key * _MICROSECOND, uuid.UUID(row_id), lsn)
 
 
 def _is_canonical_uuid(text: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .convert import ListFilters, NewAccount, Update, as_utc, etag_of
-from .db import NO_DEADLINE, AnyOf, CallScope, Database, Row, Transaction, UniqueViolation
+from .db import AnyOf, CallScope, Database, Row, Transaction, UniqueViolation
 from .errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from .models import AdAccount, AdAccountRequest
 from .page_tokens import Position
@@ -131,13 +131,13 @@ class AdAccountRepository:
         self._db = database
 
     async def get(self, account_id: uuid.UUID, scope: CallScope) -> Row:
-        return _found(account_id, await self._db.fetch(_GET, {"id": account_id}, scope))
+        return _found(account_id, await self._db.read(_GET, {"id": account_id}, scope))
 
     async def batch_get(self, ids: Sequence[uuid.UUID], scope: CallScope) -> list[Row]:
         """The rows in the order of `ids`; NOT_FOUND naming every id that does not exist."""
         if not ids:
             return []
-        return _in_order(ids, await self._db.fetch(_BATCH_GET, {"ids": list(set(ids))}, scope))
+        return _in_order(ids, await self._db.read(_BATCH_GET, {"ids": list(set(ids))}, scope))
 
     async def list(
         self, filters: ListFilters, page_size: int, after: Position | None, scope: CallScope
@@ -163,7 +163,7 @@ class AdAccountRepository:
             "statuses" in parameters,
             after is not None,
         )
-        rows = await self._db.fetch(query, parameters, scope)
+        rows = await self._db.read(query, parameters, scope)
         if len(rows) <= page_size:
             return rows, None
         rows = rows[:page_size]
@@ -229,11 +229,12 @@ class AdAccountRepository:
             ) from None
         return row
 
-    async def forget_requests(self, older_than: datetime, scope: CallScope = NO_DEADLINE) -> int:
+    async def forget_requests(self, older_than: datetime, scope: CallScope | None = None) -> int:
         """Forget the request ids of requests made before `older_than` (REQUEST_ID_RETENTION_S):
         a request_id reused after that creates a new account. A batch per transaction; each also
         clears the ids from ad_accounts.request_id, where older releases look them up and whose
         unique constraint would otherwise refuse the new account. Returns how many were forgotten."""
+        scope = scope or CallScope(None)
         forgotten = 0
         while True:
             async with self._db.transaction(scope) as transaction:

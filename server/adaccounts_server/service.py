@@ -24,6 +24,11 @@ from .page_tokens import PageTokens
 from .repository import AdAccountRepository
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
+# The WAL position of the state a call made or saw, in its trailing metadata; a read that sends
+# it back is served by a database at least that far along (replicas.py). 16 hex digits, so a
+# greater token is a later state and tokens compare as strings.
+CONSISTENCY_TOKEN = "x-consistency-token"
+_TOKEN_DIGITS = frozenset("0123456789abcdef")
 
 
 class AdAccountService:
@@ -43,17 +48,17 @@ class AdAccountService:
     # --- RPCs --------------------------------------------------------------------------------
 
     async def GetAdAccount(self, request: pb.GetAdAccountRequest, context: grpc.aio.ServicerContext) -> pb.AdAccount:
-        return await self._run(context, self._get, request)
+        return await self._run(context, self._get, request, read=True)
 
     async def BatchGetAdAccounts(
         self, request: pb.BatchGetAdAccountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetAdAccountsResponse:
-        return await self._run(context, self._batch_get, request)
+        return await self._run(context, self._batch_get, request, read=True)
 
     async def ListAdAccounts(
         self, request: pb.ListAdAccountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdAccountsResponse:
-        return await self._run(context, self._list, request)
+        return await self._run(context, self._list, request, read=True)
 
     async def CreateAdAccount(
         self, request: pb.CreateAdAccountRequest, context: grpc.aio.ServicerContext
@@ -84,10 +89,13 @@ class AdAccountService:
     async def _list(self, request: pb.ListAdAccountsRequest, scope: CallScope) -> pb.ListAdAccountsResponse:
         filters, page_size = convert.parse_list(request)
         after = self._page_tokens.read(request.page_token, filters) if request.page_token else None
+        if after is not None:
+            # The next page is read from a database at least as far along as the last one was.
+            scope.min_lsn = max(scope.min_lsn or 0, after.lsn or 0) or None
         rows, last = await self._repository.list(filters, page_size, after, scope)
         return pb.ListAdAccountsResponse(
             ad_accounts=[convert.to_proto(row) for row in rows],
-            next_page_token=self._page_tokens.mint(filters, last) if last else "",
+            next_page_token=self._page_tokens.mint(filters, last._replace(lsn=scope.lsn)) if last else "",
         )
 
     async def _create(self, request: pb.CreateAdAccountRequest, scope: CallScope) -> pb.AdAccount:
@@ -108,6 +116,8 @@ class AdAccountService:
         context: grpc.aio.ServicerContext,
         work: Callable[[Any, CallScope], Awaitable[Any]],
         request: message.Message,
+        *,
+        read: bool = False,
     ) -> Any:
         """`await work(request, scope)` with the call's deadline, overload and errors handled here.
 
@@ -134,11 +144,17 @@ class AdAccountService:
         try:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidArgument.field("", request.description)
+            if read:
+                scope.min_lsn = _consistency_token(context)
             response = await work(request, scope)
             if context.done():
                 # The deadline passed or the caller went away while this call ran: sending the
                 # answer would fail in gRPC's core (an ERROR with a traceback); end it as cancelled.
                 raise asyncio.CancelledError
+            if scope.lsn is not None:
+                context.set_trailing_metadata(
+                    (*(context.trailing_metadata() or ()), (CONSISTENCY_TOKEN, f"{scope.lsn:016x}"))
+                )
             return response
         except asyncio.CancelledError:
             if self._cutting_short:
@@ -186,6 +202,20 @@ class AdAccountService:
     @property
     def in_flight(self) -> int:
         return len(self._calls)
+
+
+def _consistency_token(context: grpc.aio.ServicerContext) -> int | None:
+    """The position a read's x-consistency-token asks for; INVALID_ARGUMENT when malformed."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CONSISTENCY_TOKEN:
+            if isinstance(value, str) and len(value) == 16 and _TOKEN_DIGITS.issuperset(value):
+                return int(value, 16)
+            raise errors.InvalidArgument.field(
+                f"metadata {CONSISTENCY_TOKEN}",
+                "not a consistency token: send back, unchanged, the 16 hex digits a response's"
+                f" {CONSISTENCY_TOKEN} trailing metadata carried",
+            )
+    return None
 
 
 class MalformedRequest:
