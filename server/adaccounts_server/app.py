@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -15,8 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from . import logs
 from .config import Settings
 from .db import safe_url
+from .guard import Authenticator, CallGuard
 from .health import DatabaseMonitor
-from .interceptors import Authenticator, CallGuard
 from .metrics import Metrics, replica_metrics, server_gauges
 from .migrate import upgrade_to_head
 from .page_tokens import PageTokens
@@ -60,9 +61,7 @@ class App:
         logs.quiet_grpc_core()
         self.database = open_database(settings)
         self.repository = AdAccountRepository(self.database)
-        self.service = AdAccountService(
-            self.repository, PageTokens(*settings.page_token_keys), settings.MAX_CONCURRENT_RPCS
-        )
+        self.service = AdAccountService(self.repository, PageTokens(*settings.page_token_keys))
         self._forgetting: asyncio.Task[None] | None = None
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
         self.tracing = Tracing(settings) if settings.TRACING != "off" else None
@@ -79,10 +78,19 @@ class App:
             database = self.database
             if isinstance(database, ReplicatedDatabase):
                 self.metrics.watch(lambda: replica_metrics(database))
+        self.guard = CallGuard(
+            Authenticator(settings.auth_tokens),
+            self.metrics,
+            max_concurrent_rpcs=settings.MAX_CONCURRENT_RPCS,
+            client_certificates=settings.GRPC_TLS == "mtls",
+        )
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self.port = 0
+        # What start() took, released (last taken, first released) by stop(), or by start()
+        # itself when it fails part-way.
+        self._taken = AsyncExitStack()
 
     def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
@@ -110,12 +118,7 @@ class App:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        guard = CallGuard(
-            Authenticator(self.settings.auth_tokens),
-            self.metrics,
-            client_certificates=self.settings.GRPC_TLS == "mtls",
-        )
-        register_service(server, rpc_handlers(self.service, guard.wrap))
+        register_service(server, rpc_handlers(self.service, self.guard.wrap))
         health_pb2_grpc.add_HealthServicer_to_server(self.monitor.servicer, server)
         if self.settings.GRPC_REFLECTION:
             reflection.enable_server_reflection(
@@ -143,8 +146,17 @@ class App:
         return server
 
     async def start(self) -> int:
-        """Bind, start serving and start the health monitor; returns the bound port."""
+        """Bind, start serving and start the health monitor; returns the bound port. A start
+        that fails part-way releases what it had taken before it raises."""
+        async with AsyncExitStack() as taken:
+            await self._start(taken)
+            self._taken = taken.pop_all()
+        return self.port
+
+    async def _start(self, taken: AsyncExitStack) -> None:
         settings = self.settings
+        if self.tracing is not None:
+            taken.callback(self.tracing.stop)
         self.server = self._build_server()
         log.info("database: %s", safe_url(self.database.url))
         if isinstance(self.database, ReplicatedDatabase):
@@ -153,35 +165,31 @@ class App:
                 len(self.database.replicas),
                 settings.REPLICA_MAX_LAG_S,
             )
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(settings.GRPC_HOST, settings.METRICS_PORT or 0)
+            taken.callback(self.metrics.stop)
+            log.info("metrics on http://%s:%d/metrics", settings.GRPC_HOST, self.metrics_port)
         if self.database.is_sqlite:
             # The embedded default: bring the file to the current schema with the
             # same migrations as PostgreSQL. PostgreSQL is never migrated here.
             await asyncio.to_thread(upgrade_to_head, self.database.url)
         await self.database.open()
-        address = f"{settings.GRPC_HOST}:{settings.GRPC_PORT}"
-        credentials = server_credentials(settings)
-        try:
-            if credentials is None:
-                self.port = self.server.add_insecure_port(address)
-            else:
-                self.port = self.server.add_secure_port(address, credentials)
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {address}: {error}") from None
-        if settings.GRPC_HEALTH_PORT is not None:
-            self.health_server = self._build_health_server()
-            health_address = f"{settings.GRPC_HOST}:{settings.GRPC_HEALTH_PORT}"
-            try:
-                self.health_port = self.health_server.add_insecure_port(health_address)
-            except RuntimeError as error:
-                raise OSError(f"cannot listen on {health_address}: {error}") from None
-        if self.metrics is not None:
-            self.metrics_port = self.metrics.serve(settings.GRPC_HOST, settings.METRICS_PORT or 0)
-            log.info("metrics on http://%s:%d/metrics", settings.GRPC_HOST, self.metrics_port)
-        # Forgets request ids past REQUEST_ID_RETENTION_S; cancelled by stop() before the database closes.
+        taken.push_async_callback(lambda: self.database.close())  # looked up when released
+        # Forgets request ids past REQUEST_ID_RETENTION_S; cancelled before the database closes.
         self._forgetting = asyncio.create_task(self._forget_requests(), name="forget-request-ids")
+        taken.push_async_callback(_cancel, self._forgetting)
         # Publish NOT_SERVING before the port opens: gRPC's health servicer
         # would otherwise answer SERVING for "" until the first ping.
         await self.monitor.start()
+        taken.push_async_callback(self.monitor.stop)
+        # The ports last: gRPC keeps a port bound by a server that never started until the
+        # process exits, whatever stop() does.
+        self.port = _bind(self.server, f"{settings.GRPC_HOST}:{settings.GRPC_PORT}", server_credentials(settings))
+        taken.push_async_callback(self.server.stop, 0)
+        if settings.GRPC_HEALTH_PORT is not None:
+            self.health_server = self._build_health_server()
+            self.health_port = _bind(self.health_server, f"{settings.GRPC_HOST}:{settings.GRPC_HEALTH_PORT}", None)
+            taken.push_async_callback(self.health_server.stop, 0)
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -193,35 +201,27 @@ class App:
             {"off": "plaintext (GRPC_TLS=off)", "tls": "TLS", "mtls": "mutual TLS"}[settings.GRPC_TLS],
             self.database.pool_size,
         )
-        return self.port
 
     async def stop(self) -> None:
         """NOT_SERVING, refuse new calls, let calls in progress finish, then release everything."""
         grace = self.settings.SHUTDOWN_GRACE_S
         started = time.monotonic()
-        log.info("shutting down: finishing %d call(s) in progress (grace %g s)", self.service.in_flight, grace)
+        log.info("shutting down: finishing %d call(s) in progress (grace %g s)", self.guard.in_flight, grace)
         await self.monitor.stop()
         # gRPC's own stop(grace) resets calls it accepted but had not yet handed
         # to a handler (grpc/grpc#41785), so drain at our level first: new calls
         # get a clean UNAVAILABLE while the ones in progress finish.
-        self.service.start_draining()
-        if not await self.service.wait_idle(grace):
-            log.warning("grace period over: cancelling %d call(s) still in progress", self.service.in_flight)
-            self.service.cut_short()
-            await self.service.wait_idle(_CUT_SHORT_WAIT_S)
+        self.guard.start_draining()
+        if not await self.guard.wait_idle(grace):
+            log.warning("grace period over: cancelling %d call(s) still in progress", self.guard.in_flight)
+            self.guard.cut_short()
+            await self.guard.wait_idle(_CUT_SHORT_WAIT_S)
         remaining = max(0.0, grace - (time.monotonic() - started))
         if self.server is not None:
             await self.server.stop(min(remaining, _FINAL_STOP_GRACE_S))
-        if self.health_server is not None:
-            await self.health_server.stop(0)
-        if self._forgetting is not None:
-            self._forgetting.cancel()
-            await asyncio.wait([self._forgetting])
-        await self.database.close()
-        if self.metrics is not None:
-            self.metrics.stop()
-        if self.tracing is not None:
-            self.tracing.stop()
+        # The rest, last taken first: the health port, the gRPC port and the monitor (stopped
+        # already), the request-id forgetting, the database, metrics, tracing.
+        await self._taken.aclose()
         log.info("stopped")
 
     async def _forget_requests(self) -> None:
@@ -254,3 +254,17 @@ class App:
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     asyncio.run(App(settings, reuse_port=reuse_port).run_until_signalled())
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.wait([task])
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address}: {error}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -285,9 +286,7 @@ class Settings(BaseSettings):
         _check_tls(self)
         _ = self.auth_tokens  # parse now: a bad entry stops the program at start, in one line
         if self.TRACING != "off":
-            from .tracing import check_installed
-
-            missing = check_installed()
+            missing = _tracing_missing()
             if missing:
                 raise ValueError(f"TRACING: {missing}")
         secret = self.PAGE_TOKEN_SECRET
@@ -399,6 +398,18 @@ def _check_url(name: str, get_url: Callable[[], URL]) -> None:
         raise ValueError(
             f"{name}: driver {url.drivername!r} is not supported: use postgresql:// (psycopg 3) or sqlite://"
         )
+
+
+def _tracing_missing() -> str | None:
+    """None when the tracing packages (the `tracing` extra) are importable; else what to install."""
+    modules = ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "opentelemetry.instrumentation.grpc")
+    try:
+        found = all(importlib.util.find_spec(module) is not None for module in (*modules, "opentelemetry.sdk.trace"))
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    if not found:
+        return "the OpenTelemetry packages are not installed: pip install 'adaccounts-server[tracing]'"
+    return None
 
 
 def _replica_texts(urls: SecretStr) -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 # What an INTERNAL caller sees; the same id is in the server's log line about it.
 _INTERNAL_MESSAGE = "internal error (error id {})"
-_ERROR_ID = re.compile(r"\(error id ([0-9a-f]{16})\)")
+# The error id of the call's INTERNAL answer, for the call's log line (guard): set in the
+# handler's task, read by the guard around it in the same task.
+error_id: ContextVar[str | None] = ContextVar("error_id", default=None)
 
 
 class ServiceError(Exception):
@@ -109,9 +111,10 @@ def _translate(error: BaseException) -> ServiceError:
         )
     if isinstance(error, db.Unreachable):
         return Unavailable("the database is unavailable; retry later")
-    error_id = uuid.uuid4().hex[:16]
-    log.error("unexpected error, error id %s", error_id, exc_info=error, extra={"error_id": error_id})
-    return ServiceError(_INTERNAL_MESSAGE.format(error_id))
+    new_id = uuid.uuid4().hex[:16]
+    error_id.set(new_id)
+    log.error("unexpected error, error id %s", new_id, exc_info=error, extra={"error_id": new_id})
+    return ServiceError(_INTERNAL_MESSAGE.format(new_id))
 
 
 async def answer(
@@ -130,14 +133,3 @@ async def answer(
     except Exception:  # grpc's ExecuteBatchError: nobody is left to answer
         raise asyncio.CancelledError from None
     raise AssertionError("context.abort returned")
-
-
-def error_id_of(details: str | None) -> str | None:
-    """The error id an INTERNAL status's details quote, if any (for the call's log line)."""
-    match = _ERROR_ID.search(details or "")
-    return match.group(1) if match else None
-
-
-def first_line(error: object) -> str:
-    """The gist of a driver error for a log line: its first line, or its type."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -270,3 +270,8 @@ def configure(level: str, log_format: str = "auto", stream: TextIO | None = None
     root.addHandler(_Handoff(out, _formatter(log_format, out)))
     root.setLevel(level.upper())
     quiet_grpc_core()
+
+
+def first_line(error: object) -> str:
+    """The gist of a driver error for a log line: its first line, or its type."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

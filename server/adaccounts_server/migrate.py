@@ -36,7 +36,7 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from .errors import first_line
+from .logs import first_line
 
 # Inside the package (adaccounts_server/migrations: env.py, versions/), so they ship in the
 # wheel and are found wherever it is installed; alembic.ini points here for developers.

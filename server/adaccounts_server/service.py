@@ -3,8 +3,9 @@
 The server runs on grpc.aio and every call's database work is awaited on the
 event loop (db), so no call crosses to a thread; health probes and reflection
 are answered on the same loop and never wait behind database work. Each handler
-hands one coroutine to _run, which maps whatever it raises to a status in one
-place (errors).
+hands one coroutine to _run, which gives it the call's deadline and consistency
+token and maps whatever it raises to a status (errors). Authentication,
+admission and the log line are the guard's, around it.
 """
 
 from __future__ import annotations
@@ -32,18 +33,9 @@ _TOKEN_DIGITS = frozenset("0123456789abcdef")
 
 
 class AdAccountService:
-    def __init__(self, repository: AdAccountRepository, page_tokens: PageTokens, max_concurrent_rpcs: int) -> None:
+    def __init__(self, repository: AdAccountRepository, page_tokens: PageTokens) -> None:
         self._repository = repository
         self._page_tokens = page_tokens
-        self._max_in_flight = max_concurrent_rpcs
-        self._draining = False
-        self._cutting_short = False
-        self._calls: set[asyncio.Task[Any]] = set()  # the calls in progress: their handlers' tasks
-        # Calls admitted and not yet ended: in progress, or answered with a response not yet
-        # written to the caller (one that stops reading would otherwise pin them in memory).
-        self._unfinished = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # --- RPCs --------------------------------------------------------------------------------
 
@@ -119,26 +111,12 @@ class AdAccountService:
         *,
         read: bool = False,
     ) -> Any:
-        """`await work(request, scope)` with the call's deadline, overload and errors handled here.
+        """`await work(request, scope)` with the call's deadline (and, for a read, the
+        consistency token it sent); what it raises becomes the call's status.
 
         A caller that cancels or runs out of time cancels this task; the database
         driver then cancels the statement in PostgreSQL, and a transaction whose
         COMMIT was not yet sent is rolled back (db)."""
-        if self._draining:
-            await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
-        if self._unfinished >= self._max_in_flight:
-            # Shed at once: queueing would only make every caller late.
-            await errors.answer(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is overloaded ({self._unfinished} calls in progress); retry with backoff",
-            )
-        self._unfinished += 1
-        context.add_done_callback(self._ended)
-        self._idle.clear()
-        task = asyncio.current_task()
-        assert task is not None  # a handler always runs in a task of its own
-        self._calls.add(task)
         remaining = context.time_remaining()
         scope = CallScope(None if remaining is None else time.monotonic() + remaining)
         try:
@@ -156,52 +134,11 @@ class AdAccountService:
                     (*(context.trailing_metadata() or ()), (CONSISTENCY_TOKEN, f"{scope.lsn:016x}"))
                 )
             return response
-        except asyncio.CancelledError:
-            if self._cutting_short:
-                # Answered here, so that gRPC has no call left to cancel as it stops
-                # (it prints a bare CancelledError traceback for each one it does).
-                await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
-            raise
         except Exception as error:
             status = errors.to_status(error)
             # abort_with_status would replace the trailing metadata set so far (x-request-id).
             trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
             await errors.answer(context, status.code, status.details, trailing)
-        finally:
-            self._calls.discard(task)
-            if not self._calls:
-                self._idle.set()
-
-    def _ended(self, _context: Any) -> None:
-        """gRPC's callback when a call has ended: its status sent (after its response), or the call gone."""
-        self._unfinished -= 1
-
-    @property
-    def unfinished(self) -> int:
-        """Calls admitted and not yet ended, responses not yet written included."""
-        return self._unfinished
-
-    def start_draining(self) -> None:
-        """From now on new calls get UNAVAILABLE; calls already in progress carry on."""
-        self._draining = True
-
-    def cut_short(self) -> None:
-        """End every call still in progress with UNAVAILABLE (the shutdown grace is over)."""
-        self._cutting_short = True
-        for task in self._calls:
-            task.cancel()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no call is in progress; False if some still are after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._calls)
 
 
 def _consistency_token(context: grpc.aio.ServicerContext) -> int | None:

@@ -57,14 +57,3 @@ class Tracing:
     def stop(self) -> None:
         """Send the spans still buffered, then stop."""
         self.provider.shutdown()
-
-
-def check_installed() -> str | None:
-    """None when the tracing packages are importable; else what to install."""
-    try:
-        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter
-        import opentelemetry.instrumentation.grpc
-        import opentelemetry.sdk.trace  # noqa: F401
-    except ImportError:
-        return "the OpenTelemetry packages are not installed: pip install 'adaccounts-server[tracing]'"
-    return None

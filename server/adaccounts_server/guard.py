@@ -1,4 +1,8 @@
-"""What every call goes through before its handler: who is calling, and may they.
+"""The call guard: what every AdAccountService call goes through around its handler.
+
+Who is calling, and may they; whether the server takes the call at all (admission);
+which calls are in progress (for a graceful stop); and, once it ends, its log line
+and metrics. The servicer behind it only translates calls.
 
 Callers authenticate with a bearer token (`authorization: Bearer <token>`
 metadata) when AUTH_TOKENS is set. The server keeps only SHA-256 hashes of the
@@ -15,6 +19,12 @@ metadata either way). Calls that fail on the server's side (INTERNAL,
 UNAVAILABLE, ...) are logged at WARNING or ERROR, the rest at INFO, so
 LOG_LEVEL=WARNING keeps only the failures. Health checks are not logged: probes
 would drown the rest (the health status has its own log line and metric).
+
+Admission: past MAX_CONCURRENT_RPCS calls not yet ended (in progress, or answered
+with a response not yet written to a caller that stops reading), a call is shed at
+once with RESOURCE_EXHAUSTED, since queueing would only make every caller late.
+While the server drains (shutdown) new calls get UNAVAILABLE; once the grace is
+over, the calls still in progress are cut short with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ import grpc
 
 from . import errors, logs
 from .config import TokenGrant
-from .errors import error_id_of
 from .metrics import Metrics
 from .service import SERVICE_NAME
 
@@ -117,7 +126,8 @@ def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
 
 
 class CallGuard:
-    """Authenticates and authorises, logs and counts every AdAccountService call.
+    """Authenticates and authorises, admits or sheds, tracks, logs and counts every
+    AdAccountService call.
 
     Applied once per method when the handlers are registered (see wrap), not as a
     grpc.aio ServerInterceptor: an interceptor runs a coroutine and builds a new
@@ -127,23 +137,40 @@ class CallGuard:
     """
 
     def __init__(
-        self, authenticator: Authenticator, metrics: Metrics | None = None, *, client_certificates: bool = False
+        self,
+        authenticator: Authenticator,
+        metrics: Metrics | None = None,
+        *,
+        max_concurrent_rpcs: int,
+        client_certificates: bool = False,
     ) -> None:
         self._authenticator = authenticator
         self._metrics = metrics
         # Only mutual TLS has a client certificate to name an anonymous caller by; asking
         # gRPC for the auth context of every call otherwise costs for nothing.
         self._client_certificates = client_certificates
+        self._max_unfinished = max_concurrent_rpcs
+        self._draining = False
+        self._cutting_short = False
+        self._calls: set[asyncio.Task[Any]] = set()  # the calls in progress: their handlers' tasks
+        # Calls admitted and not yet ended: in progress, or answered with a response not yet
+        # written to the caller (one that stops reading would otherwise pin them in memory).
+        self._unfinished = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The unary `handler` of `method` (`/pkg.Service/Method`), guarded."""
         behaviour = handler.unary_unary
 
+        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self._admitted(behaviour, request, context)
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = context.invocation_metadata()
             try:
                 caller = self._authenticator.authenticate(metadata, method)
-                run = behaviour
+                run = admitted
             except Refused as refused:
                 caller, run = refused.caller, _refusal(refused)
             return await self._observe(run, method, caller, _request_id(metadata), request, context)
@@ -192,6 +219,71 @@ class CallGuard:
                 self._metrics.call_ended(method, code, seconds)
             _log(method, caller, rid, context, code, seconds, self._client_certificates)
 
+    # --- admission and the calls in progress ---------------------------------------------------
+
+    async def _admitted(
+        self, behaviour: Callable[..., Awaitable[Any]], request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """The handler, if the server takes the call: tracked until it ends."""
+        if self._draining:
+            await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+        if self._unfinished >= self._max_unfinished:
+            await errors.answer(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is overloaded ({self._unfinished} calls in progress); retry with backoff",
+            )
+        self._unfinished += 1
+        context.add_done_callback(self._ended)
+        task = asyncio.current_task()
+        assert task is not None  # a handler always runs in a task of its own
+        self._calls.add(task)
+        self._idle.clear()
+        try:
+            return await behaviour(request, context)
+        except asyncio.CancelledError:
+            if self._cutting_short:
+                # Answered here, so that gRPC has no call left to cancel as it stops
+                # (it prints a bare CancelledError traceback for each one it does).
+                await errors.answer(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+            raise
+        finally:
+            self._calls.discard(task)
+            if not self._calls:
+                self._idle.set()
+
+    def _ended(self, _context: Any) -> None:
+        """gRPC's callback when a call has ended: its status sent (after its response), or the call gone."""
+        self._unfinished -= 1
+
+    @property
+    def unfinished(self) -> int:
+        """Calls admitted and not yet ended, responses not yet written included."""
+        return self._unfinished
+
+    @property
+    def in_flight(self) -> int:
+        """Calls whose handler is running."""
+        return len(self._calls)
+
+    def start_draining(self) -> None:
+        """From now on new calls get UNAVAILABLE; calls already in progress carry on."""
+        self._draining = True
+
+    def cut_short(self) -> None:
+        """End every call still in progress with UNAVAILABLE (the shutdown grace is over)."""
+        self._cutting_short = True
+        for task in self._calls:
+            task.cancel()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in progress; False if some still are after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
 
 def _log(
     method: str,
@@ -218,7 +310,7 @@ def _log(
         "caller": _caller_name(caller, context, client_certificates),
         "request_id": rid,
     }
-    error_id = error_id_of(context.details()) if code == grpc.StatusCode.INTERNAL else None
+    error_id = errors.error_id.get() if code == grpc.StatusCode.INTERNAL else None
     if error_id:
         fields["error_id"] = error_id
     rpc_log.log(
