@@ -57,8 +57,8 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from adaccounts_server.config import load_settings
-from adaccounts_server.convert import NewAccount, Update, as_utc
 from adaccounts_server.db import CallScope, Database, open_database
+from adaccounts_server.domain import NewAccount, Update, as_utc
 from adaccounts_server.migrate import upgrade_to_head
 from adaccounts_server.models import AdAccount, Platform, Status
 from adaccounts_server.repository import AdAccountRepository
@@ -220,7 +220,7 @@ class OrmPath:
             account = await session.get(AdAccount, row_id, with_for_update=True)
             if account is None:
                 raise RuntimeError(f"row {row_id} vanished")
-            if str(account.version) != etag:  # the service's etag check (convert.etag_of)
+            if str(account.version) != etag:  # the service's etag check (domain.etag_of)
                 raise RuntimeError(f"row {row_id}: etag {etag} is stale")
             account.name = f"Renamed {next(_serial)}"
             # As the service does: never move update_time backwards.

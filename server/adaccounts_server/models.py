@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
+from typing import TYPE_CHECKING, ClassVar
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
@@ -57,6 +58,8 @@ class AdAccount(SQLModel, table=True):
         sa.Index("ix_ad_accounts_owner_id_update_time_id", "owner_id", "update_time", "id"),
         sa.Index("ix_ad_accounts_owner_id_name_id", "owner_id", "name", "id"),
     )
+    if TYPE_CHECKING:  # set by SQLModel's metaclass, which does not declare it
+        __table__: ClassVar[sa.Table]
 
     id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, primary_key=True))
     owner_id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, nullable=False))
@@ -82,12 +85,14 @@ class AdAccountRequest(SQLModel, table=True):
 
     __tablename__ = "ad_account_requests"
     __table_args__ = (sa.Index("ix_ad_account_requests_create_time", "create_time"),)
+    if TYPE_CHECKING:  # set by SQLModel's metaclass, which does not declare it
+        __table__: ClassVar[sa.Table]
 
     request_id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, primary_key=True))
     # The account the request created. No foreign key: the request outlives the account, so
     # that a retry after a delete is answered NOT_FOUND rather than creating it again.
     account_id: uuid.UUID = Field(sa_column=sa.Column(sa.Uuid, nullable=False))
-    # SHA-256 of the request's content (convert.NewAccount.request_hash); NULL for the requests
+    # SHA-256 of the request's content (domain.NewAccount.request_hash); NULL for the requests
     # backfilled from ad_accounts.request_id, made before their content was recorded.
     request_hash: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
     create_time: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))

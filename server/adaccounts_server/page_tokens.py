@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from . import models
-from .convert import ListFilters
+from .domain import ListFilters
 from .errors import InvalidArgument
 
 

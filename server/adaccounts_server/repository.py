@@ -16,8 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .convert import ListFilters, NewAccount, Update, as_utc, etag_of
 from .db import AnyOf, CallScope, Database, Row, Transaction, UniqueViolation
+from .domain import ListFilters, NewAccount, Update, as_utc, etag_of
 from .errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from .models import AdAccount, AdAccountRequest
 from .page_tokens import Position
