@@ -25,7 +25,7 @@ from adaccounts_server.migrate import upgrade_to_head
 from adaccounts_server.repository import AdAccountRepository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg_instance import ThrowawayPostgres  # tests/ is not a package
+from helpers.pg_instance import ThrowawayPostgres  # tests/ is not a package; tests/helpers is
 
 
 async def measure(settings: Settings, account_id: str, in_flight: int, reads: int) -> tuple[float, float]:

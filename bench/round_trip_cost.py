@@ -22,7 +22,7 @@ import psycopg
 from adaccounts_server.db import _exchange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg_instance import ThrowawayPostgres  # tests/ is not a package
+from helpers.pg_instance import ThrowawayPostgres  # tests/ is not a package; tests/helpers is
 
 COLUMNS = "id, owner_id, platform, external_id, name, currency_code, time_zone, status, create_time, update_time"
 

@@ -61,7 +61,8 @@ from revision import Tree, working_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from pg_instance import ThrowawayPostgres, free_port  # noqa: E402  (tests/ is not a package)
+from helpers.pg_instance import ThrowawayPostgres  # noqa: E402  (tests/ is not a package; tests/helpers is)
+from helpers.ports import free_port  # noqa: E402
 
 PAGE_TOKEN_SECRET = "bench-page-token-secret-0123456789"
 PAGE_SIZE = 50

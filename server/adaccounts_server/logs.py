@@ -22,7 +22,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, TextIO
 
-# The request id of the call being handled, on the event loop (set by interceptors.CallGuard).
+# The request id of the call being handled, on the event loop (set by guard.CallGuard).
 request_id: ContextVar[str | None] = ContextVar("adaccounts_request_id", default=None)
 
 # Where grpc.aio logs what happens to calls on the server.
