@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -76,15 +81,21 @@ def version() -> str:
 class _PrintVersion(argparse.Action):
     """argparse's "version" action, computed only when asked (it imports the generated contract)."""
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, help=kwargs.get("help"))  # type: ignore[arg-type]
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=help)
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
         print(version())
         parser.exit()
 
 
-def _settings(*, serving: bool = True, **overrides: object):  # type: ignore[no-untyped-def]
+def _settings(*, serving: bool = True, **overrides: object) -> Settings:
     """The settings, or exit 2 with one line. `serving=False`: only what every command needs
     (the database URL), not what only `serve` uses (PAGE_TOKEN_SECRET, TLS, tokens)."""
     from .config import SettingsError, load_settings

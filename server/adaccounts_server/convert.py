@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from google.protobuf import timestamp_pb2
@@ -39,8 +39,8 @@ from .domain import (
 # proto enum number <-> model enum, by name: PLATFORM_META <-> Platform.META.
 _PLATFORM_IN = {pb.Platform.Value(f"PLATFORM_{p.name}"): p for p in models.Platform}
 _STATUS_IN = {pb.Status.Value(f"STATUS_{s.name}"): s for s in models.Status}
-_PLATFORM_OUT = {p: n for n, p in _PLATFORM_IN.items()}
-_STATUS_OUT = {s: n for n, s in _STATUS_IN.items()}
+_PLATFORM_OUT = {p: cast("pb.Platform", n) for n, p in _PLATFORM_IN.items()}
+_STATUS_OUT = {s: cast("pb.Status", n) for n, s in _STATUS_IN.items()}
 
 
 # --- single values -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
@@ -43,6 +43,17 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from .config import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer
+    from psycopg.abc import Transformer as PgTransformer
+    from psycopg.pq.abc import PGconn, PGresult
+    from psycopg.rows import TupleRow
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection as SqliteConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    PgConnection = psycopg.AsyncConnection[TupleRow]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +148,8 @@ class AnyOf(ColumnElement[bool]):
 
     inherit_cache = True
     type = sa.Boolean()
-    _traverse_internals: ClassVar[Any] = [
+    # SQLAlchemy's types declare it on the instance (no ClassVar); its own elements set it so.
+    _traverse_internals = [  # noqa: RUF012
         ("column", InternalTraversal.dp_clauseelement),
         ("name", InternalTraversal.dp_string),
     ]
@@ -175,7 +187,7 @@ class Database(ABC):
         self.url = settings.database_url
         self.max_statement_s = settings.DB_STATEMENT_TIMEOUT_MAX_S
         self.pool_size = settings.DB_POOL_SIZE
-        self.tracer: Any = None  # an OpenTelemetry tracer: one span per round trip, when set
+        self.tracer: Tracer | None = None  # one span per round trip, when set
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -215,7 +227,7 @@ class Database(ABC):
         limit = self.max_statement_s if remaining is None else min(remaining, self.max_statement_s)
         return max(1, int(limit * 1000))
 
-    def _span(self, sql: str) -> AbstractContextManager[Any]:
+    def _span(self, sql: str) -> AbstractContextManager[Span | None]:
         if self.tracer is None:
             return nullcontext()
         from opentelemetry.trace import SpanKind
@@ -245,7 +257,7 @@ class _Compiled(NamedTuple):
     names: tuple[str, ...]  # the parameters, in order of appearance
     make_row: Callable[[Sequence[Any]], Row] | None  # None: the statement returns no rows
 
-    def render(self, transformer: Any, parameters: dict[str, Any] | None) -> bytes:
+    def render(self, transformer: PgTransformer, parameters: dict[str, Any] | None) -> bytes:
         """The SQL with each parameter bound client-side as a literal (psycopg's quoting)."""
         if not self.names:
             return self.texts[0]
@@ -288,11 +300,11 @@ class PostgresDatabase(Database):
         self._name = role if self.is_replica else "database"  # in log lines: never the URL
         # Set when replicas are configured: each read reports the position of what it saw.
         self.position_query: bytes | None = None
-        self._dialect = PsycopgDialect()
+        self._dialect = PsycopgDialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are unannotated
         self._compiled: dict[sa.Executable, _Compiled] = {}
-        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._idle_since: weakref.WeakKeyDictionary[PgConnection, float] = weakref.WeakKeyDictionary()
         # psycopg's adaptation context of each connection: parameters to literals, text to values.
-        self._transformers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._transformers: weakref.WeakKeyDictionary[PgConnection, PgTransformer] = weakref.WeakKeyDictionary()
         self._ping_idle_s = settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None
         self._connect_timeout = settings.DB_CONNECT_TIMEOUT
         self._conninfo_kwargs = libpq_parameters(self.url, settings.DB_CONNECT_TIMEOUT)
@@ -312,7 +324,7 @@ class PostgresDatabase(Database):
             name=f"adaccounts-{role}",
             open=False,
         )
-        self._monitor_connection: Any = None  # the health monitor's own (see ping)
+        self._monitor_connection: PgConnection | None = None  # the health monitor's own (see ping)
         self._reachable = True  # as the last ping found it
         # psycopg's own warnings quote the server's address (SECURITY.md: no hosts in logs); the
         # service reports the same events itself: the health monitor's status, the calls' errors.
@@ -333,11 +345,11 @@ class PostgresDatabase(Database):
 
     # --- lending -------------------------------------------------------------------------------
 
-    async def _configure(self, connection: Any) -> None:
+    async def _configure(self, connection: PgConnection) -> None:
         self._idle_since[connection] = time.monotonic()
         self._transformers[connection] = psycopg.adapt.Transformer(connection)
 
-    async def _check(self, connection: Any) -> None:
+    async def _check(self, connection: PgConnection) -> None:
         """The pool's check on lending: a round trip only for a connection idle longer than
         DB_POOL_PRE_PING_IDLE_S. A connection in steady use needs none: if the database
         restarted under it, its next statement fails as a disconnect, every pooled
@@ -349,7 +361,7 @@ class PostgresDatabase(Database):
         async with asyncio.timeout(self._connect_timeout):
             await _exchange(connection, b"SELECT 1", stop=not self.is_replica)
 
-    async def _getconn(self) -> Any:
+    async def _getconn(self) -> PgConnection:
         try:
             return await self._pool.getconn()
         except PoolTimeout as error:
@@ -357,12 +369,12 @@ class PostgresDatabase(Database):
                 raise Unreachable("no connection to the database could be made") from error
             raise Busy(f"no database connection became free within {self._pool.timeout:g} s") from error
 
-    async def _putconn(self, connection: Any) -> None:
+    async def _putconn(self, connection: PgConnection) -> None:
         self._idle_since[connection] = time.monotonic()
         await self._pool.putconn(connection)
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def _connection(self) -> AsyncIterator[PgConnection]:
         connection = await self._getconn()
         try:
             yield connection
@@ -382,7 +394,7 @@ class PostgresDatabase(Database):
 
     async def _round_trip(
         self,
-        connection: Any,
+        connection: PgConnection,
         statement: sa.Executable,
         parameters: dict[str, Any] | None,
         scope: CallScope,
@@ -485,7 +497,7 @@ class PostgresDatabase(Database):
             if transaction.begun:
                 await transaction.commit()
 
-    async def _translate(self, error: BaseException, connection: Any) -> DatabaseError | None:
+    async def _translate(self, error: BaseException, connection: PgConnection) -> DatabaseError | None:
         """A driver error as one of ours (None: not about the database, a bug say)."""
         if isinstance(error, TimeoutError):
             return TimedOut("the database did not answer before the deadline")
@@ -505,7 +517,7 @@ class PostgresDatabase(Database):
 
     # --- health ----------------------------------------------------------------------------------
 
-    async def _monitor(self, timeout: float) -> Any:
+    async def _monitor(self, timeout: float) -> PgConnection:
         """The health monitor's own connection, so that a pool busy with calls (rows locked,
         say) never reads as a database that is down."""
         connection = self._monitor_connection
@@ -579,7 +591,7 @@ class _PostgresTransaction(Transaction):
     once sent it is seen through, so a caller never hears "nothing happened" of a write
     the database then applies."""
 
-    def __init__(self, database: PostgresDatabase, connection: Any, scope: CallScope) -> None:
+    def __init__(self, database: PostgresDatabase, connection: PgConnection, scope: CallScope) -> None:
         self._db = database
         self._connection = connection
         self._scope = scope
@@ -647,12 +659,12 @@ class _PostgresTransaction(Transaction):
             raise
 
 
-async def _execute_within(connection: Any, sql: bytes, timeout_s: float) -> list[Any]:
+async def _execute_within(connection: PgConnection, sql: bytes, timeout_s: float) -> list[PGresult]:
     async with asyncio.timeout(timeout_s):
         return await _exchange(connection, sql)
 
 
-async def _exchange(connection: Any, sql: bytes, *, stop: bool = True) -> list[Any]:
+async def _exchange(connection: PgConnection, sql: bytes, *, stop: bool = True) -> list[PGresult]:
     """Send one simple-query message and gather every result, the event loop watching the
     socket; a result that is an error is raised as psycopg's exception for its SQLSTATE.
     Interrupted, it cancels the statement in PostgreSQL first, unless `stop` is false (a
@@ -677,9 +689,9 @@ async def _exchange(connection: Any, sql: bytes, *, stop: bool = True) -> list[A
     return results
 
 
-async def _results(pgconn: Any) -> list[Any]:
+async def _results(pgconn: PGconn) -> list[PGresult]:
     """Every result of the message in progress, until libpq has none left."""
-    results = []
+    results: list[PGresult] = []
     while True:
         pgconn.consume_input()
         while not pgconn.is_busy():
@@ -690,7 +702,7 @@ async def _results(pgconn: Any) -> list[Any]:
         await _ready(pgconn.socket)
 
 
-async def _stop_statement(connection: Any) -> None:
+async def _stop_statement(connection: PgConnection) -> None:
     """The caller went away (or gave up) while its statement may still run: PostgreSQL's
     cancel request, non-blocking (psycopg's cancel_safe), then what is left of the answer.
     A connection that does not come back to idle in time is closed."""
@@ -727,17 +739,31 @@ def _set_done(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def _close_quietly(connection: Any) -> None:
+async def _close_quietly(connection: PgConnection) -> None:
     try:
         await connection.close()
     except Exception as error:  # already broken
         log.debug("closing a connection failed: %s", type(error).__name__)
 
 
+# XLOG_BLCKSZ, and the (MAXALIGNed) short and long WAL page headers: an insert position just
+# past a page's header is where the last record ended, at the page boundary.
+_WAL_PAGE_BYTES = 8192
+_WAL_PAGE_HEADERS = (24, 40)
+
+
 def lsn_value(text: Any) -> int:
-    """PostgreSQL's `X/Y` WAL position (pg_lsn) as one integer: greater is later."""
+    """PostgreSQL's `X/Y` WAL position (pg_lsn) as one integer: greater is later.
+
+    As the end of the last record, so that a primary's position compares with a standby's
+    replay position: when the WAL ends on a page boundary, pg_current_wal_insert_lsn() says
+    "after the next page's header" while a standby that replayed everything says "at the
+    boundary" (no record ends inside a page header, so this never moves a real record end)."""
     high, _, low = str(text).partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
+    position = (int(high, 16) << 32) | int(low, 16)
+    if position % _WAL_PAGE_BYTES in _WAL_PAGE_HEADERS:
+        return position - position % _WAL_PAGE_BYTES
+    return position
 
 
 def parse_lsn(value: bytes | None) -> int | None:
@@ -765,7 +791,7 @@ def _row_maker(columns: Iterable[Any]) -> Callable[[Sequence[Any]], Row]:
         if kind is not None
     ]
     if not enums:
-        return shape._make  # type: ignore[no-any-return]
+        return shape._make
 
     def make(values: Sequence[Any]) -> Row:
         values = list(values)
@@ -843,7 +869,7 @@ class SqliteDatabase(Database):
         return self._checked_out
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def _connection(self) -> AsyncIterator[SqliteConnection]:
         try:
             async with self.engine.connect() as connection:
                 self._checked_out += 1
@@ -886,7 +912,7 @@ class SqliteDatabase(Database):
 
 
 class _SqliteTransaction(Transaction):
-    def __init__(self, database: SqliteDatabase, connection: Any) -> None:
+    def __init__(self, database: SqliteDatabase, connection: SqliteConnection) -> None:
         self._db = database
         self._connection = connection
 
@@ -899,7 +925,7 @@ class _SqliteTransaction(Transaction):
         return list(result.all()) if result.returns_rows else []
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -118,7 +118,7 @@ def _translate(error: BaseException) -> ServiceError:
 
 
 async def answer(
-    context: grpc.aio.ServicerContext,
+    context: grpc.aio.ServicerContext[Any, Any],
     code: grpc.StatusCode,
     details: str,
     trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),

@@ -36,7 +36,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +89,7 @@ class Authenticator:
         self.enabled = grants is not None
         self._grants = [(bytes.fromhex(digest), grant) for digest, grant in (grants or {}).items()]
 
-    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, method: str) -> Caller | None:
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Caller | None:
         """The caller allowed to call `method`; None when authentication is off. Raises Refused."""
         if not self.enabled:
             return None
@@ -112,7 +112,7 @@ class Authenticator:
         return Caller(found.name, found.scope)
 
 
-def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+def _bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     values = [value for key, value in metadata or () if key == "authorization"]
     if len(values) > 1:
         # Which one would count is anybody's guess (a client's default token beside a
@@ -159,15 +159,17 @@ class CallGuard:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """The unary `handler` of `method` (`/pkg.Service/Method`), guarded."""
         behaviour = handler.unary_unary
+        assert behaviour is not None, "AdAccountService's methods are all unary"
 
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await self._admitted(behaviour, request, context)
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata()
+            run: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
             try:
                 caller = self._authenticator.authenticate(metadata, method)
                 run = admitted
@@ -188,7 +190,7 @@ class CallGuard:
         caller: Caller | None,
         rid: str,
         request: Any,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> Any:
         """Run the handler with the request id in place, then log how the call ended."""
         started = time.perf_counter()
@@ -222,7 +224,7 @@ class CallGuard:
     # --- admission and the calls in progress ---------------------------------------------------
 
     async def _admitted(
-        self, behaviour: Callable[..., Awaitable[Any]], request: Any, context: grpc.aio.ServicerContext
+        self, behaviour: Callable[..., Awaitable[Any]], request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         """The handler, if the server takes the call: tracked until it ends."""
         if self._draining:
@@ -234,7 +236,7 @@ class CallGuard:
                 f"the server is overloaded ({self._unfinished} calls in progress); retry with backoff",
             )
         self._unfinished += 1
-        context.add_done_callback(self._ended)
+        context.add_done_callback(self._ended)  # type: ignore[arg-type]  # grpc-stubs: a class, not a callable
         task = asyncio.current_task()
         assert task is not None  # a handler always runs in a task of its own
         self._calls.add(task)
@@ -289,7 +291,7 @@ def _log(
     method: str,
     caller: Caller | None,
     rid: str,
-    context: grpc.aio.ServicerContext,
+    context: grpc.aio.ServicerContext[Any, Any],
     code: grpc.StatusCode,
     seconds: float,
     client_certificates: bool,
@@ -327,29 +329,29 @@ def _log(
     )
 
 
-def _request_id(metadata: Sequence[tuple[str, Any]] | None) -> str:
+def _request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID and isinstance(value, str) and _USABLE_REQUEST_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
 
 
-def _caller_name(caller: Caller | None, context: grpc.aio.ServicerContext, client_certificates: bool) -> str:
+def _caller_name(caller: Caller | None, context: grpc.aio.ServicerContext[Any, Any], client_certificates: bool) -> str:
     """The token's service name; else the client certificate's common name (mTLS); else '-'."""
     if caller is not None:
         return caller.name
     if not client_certificates:
         return ANONYMOUS
-    names = context.auth_context().get("x509_common_name")
-    if names:
-        return "cn=" + names[0].decode(errors="replace")
+    name = next(iter(context.auth_context().get("x509_common_name") or ()), None)
+    if name:
+        return "cn=" + name.decode(errors="replace")
     return ANONYMOUS
 
 
-def _refusal(refused: Refused) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+def _refusal(refused: Refused) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
     """A handler that answers `refused` without running the real one."""
 
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await errors.answer(context, refused.code, str(refused))
 
     return refuse

@@ -28,19 +28,38 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
 
 from .db import Database, DatabaseError
 from .migrate import SchemaState, head_revision
 from .service import SERVICE_NAME
 
+if TYPE_CHECKING:
+    _Context = grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+
+    class _AsyncHealthServicer:
+        """gRPC's asyncio health servicer, as this module uses it: grpc-stubs types only the
+        synchronous one (and gRPC's own annotations have Check return None)."""
+
+        async def Check(
+            self, request: health_pb2.HealthCheckRequest, context: _Context
+        ) -> health_pb2.HealthCheckResponse: ...
+        async def Watch(self, request: health_pb2.HealthCheckRequest, context: _Context) -> None: ...
+        async def set(self, service: str, status: int) -> None: ...
+        async def enter_graceful_shutdown(self) -> None: ...
+
+else:
+    from grpc_health.v1.health import aio as _health_aio
+
+    _AsyncHealthServicer = _health_aio.HealthServicer
+
 log = logging.getLogger(__name__)
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING: int = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # SERVING only while the database answers: what readiness probes ask.
 DATABASE_BACKED_SERVICES = ("", "readiness", SERVICE_NAME)
@@ -55,7 +74,7 @@ MAX_WATCHES_PER_CONNECTION = 8
 MAX_WATCHES = 256
 
 
-class HealthServicer(health_aio.HealthServicer):
+class HealthServicer(_AsyncHealthServicer):
     """gRPC's asyncio health servicer, bounded against hostile callers (health needs no token).
 
     A service name longer than MAX_SERVICE_NAME_BYTES is INVALID_ARGUMENT; a Watch beyond
@@ -69,13 +88,11 @@ class HealthServicer(health_aio.HealthServicer):
         self._known = known
         self._watches: Counter[str] = Counter()  # open Watch streams per connection (peer)
 
-    async def Check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
-    ) -> health_pb2.HealthCheckResponse:
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: _Context) -> health_pb2.HealthCheckResponse:
         await _refuse_long_names(request, context)
-        return await super().Check(request, context)  # type: ignore[func-returns-value,no-any-return]
+        return await super().Check(request, context)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: _Context) -> None:
         await _refuse_long_names(request, context)
         peer = context.peer()
         if self._watches[peer] >= MAX_WATCHES_PER_CONNECTION or self._watches.total() >= MAX_WATCHES:
@@ -99,7 +116,7 @@ class HealthServicer(health_aio.HealthServicer):
                 del self._watches[peer]
 
 
-async def _refuse_long_names(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+async def _refuse_long_names(request: health_pb2.HealthCheckRequest, context: _Context) -> None:
     if len(request.service.encode()) > MAX_SERVICE_NAME_BYTES:
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, f"service: at most {MAX_SERVICE_NAME_BYTES} bytes (a service name)"
@@ -167,22 +184,22 @@ class DatabaseMonitor:
         if self.on_ping is not None:
             self.on_ping(time.perf_counter() - started)
         self._pings_since_schema_check += 1
-        due = (
-            self._schema is None
-            or not self._schema.serving  # look again every ping: `adaccounts migrate` may just have run
+        schema = self._schema
+        if (
+            schema is None
+            or not schema.serving  # look again every ping: `adaccounts migrate` may just have run
             or self._pings_since_schema_check >= SCHEMA_RECHECK_PINGS
-        )
-        if due:
+        ):
             try:
-                self._schema = SchemaState(await self._database.schema_revisions(self._timeout), head_revision())
+                schema = SchemaState(await self._database.schema_revisions(self._timeout), head_revision())
             except Exception as error:  # e.g. a role that may not read alembic_version
                 self._schema = None
                 await self._publish(
                     NOT_SERVING, f"cannot read the database's schema revision: {_gist(error)}", cause="schema"
                 )
                 return
+            self._schema = schema
             self._pings_since_schema_check = 0
-        schema = self._schema
         if schema.at_head:
             await self._publish(SERVING, "database reachable")
         else:

@@ -99,16 +99,18 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "request_id", None):
-            line["request_id"] = record.request_id
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            line["request_id"] = request_id
         trace_id = getattr(record, "trace_id", None)
         if trace_id:
             line["trace_id"] = trace_id
         rpc = getattr(record, "rpc", None)
         if isinstance(rpc, dict):
             line.update(rpc)
-        if getattr(record, "error_id", None):
-            line["error_id"] = record.error_id
+        error_id = getattr(record, "error_id", None)
+        if error_id:
+            line["error_id"] = error_id
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:  # formatted already, by _Handoff on the thread that logged it

@@ -23,17 +23,20 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, RestrictedRegistry
 
 from . import logs
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from .db import Database
     from .replicas import ReplicatedDatabase
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,7 @@ class Metrics:
             buckets=PING_BUCKETS,
             registry=self.registry,
         )
-        self._server: Any = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     # --- per call, from the interceptor ----------------------------------------------------
@@ -124,7 +127,7 @@ class Metrics:
 
     # --- read at scrape time -----------------------------------------------------------------
 
-    def watch(self, collect: Callable[[], Iterator[Any]]) -> None:
+    def watch(self, collect: Callable[[], Iterator[Metric]]) -> None:
         """Register gauges computed at each scrape."""
         self.registry.register(_Callback(collect))
 
@@ -154,14 +157,15 @@ class _NoCreatedRegistry(CollectorRegistry):
     def collect(self) -> Iterator[Metric]:
         return _without_created(super().collect())
 
-    def restricted_registry(self, names: Iterable[str]) -> Any:
-        restricted = super().restricted_registry(names)
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        return _NoCreatedRestrictedRegistry(names, self)
 
-        class _Restricted:
-            def collect(self) -> Iterator[Metric]:
-                return _without_created(restricted.collect())
 
-        return _Restricted()
+class _NoCreatedRestrictedRegistry(RestrictedRegistry):
+    """What CollectorRegistry.restricted_registry returns, its scrapes without `<name>_created`."""
+
+    def collect(self) -> Iterator[Metric]:
+        return _without_created(super().collect())
 
 
 def _without_created(families: Iterable[Metric]) -> Iterator[Metric]:
@@ -176,10 +180,10 @@ def _without_created(families: Iterable[Metric]) -> Iterator[Metric]:
 
 
 class _Callback(Collector):
-    def __init__(self, collect: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+    def __init__(self, collect: Callable[[], Iterator[Metric]]) -> None:
         self._collect = collect
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         try:
             yield from self._collect()
         except Exception as error:  # a scrape must never take the server down
@@ -190,7 +194,7 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> Iterator[Any]:
+def server_gauges(database: Database, serving: Callable[[], bool], max_rpcs: int) -> Iterator[Metric]:
     """The pool's and the health monitor's state as it is now."""
     yield gauge("adaccounts_db_pool_size", "Connections the pool keeps (DB_POOL_SIZE).", database.pool_size)
     yield gauge("adaccounts_db_pool_checked_out", "Connections lent out right now.", database.checked_out())
@@ -203,7 +207,7 @@ def server_gauges(database: Any, serving: Callable[[], bool], max_rpcs: int) -> 
     )
 
 
-def replica_metrics(database: ReplicatedDatabase) -> Iterator[Any]:
+def replica_metrics(database: ReplicatedDatabase) -> Iterator[Metric]:
     """Where reads went and what is known of each replica (with DATABASE_REPLICA_URLS). The
     targets are named by role (primary, replica-N: the Nth URL), never by address."""
     reads = CounterMetricFamily(

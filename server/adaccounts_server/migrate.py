@@ -222,12 +222,12 @@ def _failing_revision(run: MigrationRun) -> str | None:
             return run.before[0] if run.before else None
         position = order.index(run.applied[-1]) if run.applied[-1] in order else 0
         return order[position - 1] if position > 0 else None
-    position = run.applied[-1] if run.applied else (run.before[0] if run.before else None)
-    if position is None:
+    last = run.applied[-1] if run.applied else (run.before[0] if run.before else None)
+    if last is None:
         return order[0] if order else None
-    if position not in order or order.index(position) + 1 >= len(order):
+    if last not in order or order.index(last) + 1 >= len(order):
         return None
-    return order[order.index(position) + 1]
+    return order[order.index(last) + 1]
 
 
 # --- what migrations/env.py calls --------------------------------------------------------

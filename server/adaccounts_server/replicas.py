@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter, deque
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -46,6 +46,9 @@ from .db import (
     TimedOut,
     Transaction,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +98,12 @@ class ReplicatedDatabase(Database):
         self.fallbacks: Counter[str] = Counter()
 
     @property
-    def tracer(self) -> Any:
-        return getattr(self, "_tracer", None)
+    def tracer(self) -> Tracer | None:
+        tracer: Tracer | None = getattr(self, "_tracer", None)
+        return tracer
 
     @tracer.setter
-    def tracer(self, tracer: Any) -> None:
+    def tracer(self, tracer: Tracer | None) -> None:
         """The same tracer on every database (set to None by Database.__init__, before they exist)."""
         self._tracer = tracer
         for database in (getattr(self, "primary", None), *(r.database for r in getattr(self, "replicas", ()))):
@@ -125,7 +129,8 @@ class ReplicatedDatabase(Database):
     # --- reads and writes ------------------------------------------------------------------------
 
     async def fetch(self, statement: sa.Executable, parameters: dict[str, Any] | None, scope: CallScope) -> list[Row]:
-        self.primary_reads += 1
+        """A write's own lookups (a create's request_id, say): the primary's, and not counted
+        among the reads served."""
         return await self.primary.fetch(statement, parameters, scope)
 
     def transaction(self, scope: CallScope) -> AbstractAsyncContextManager[Transaction]:
@@ -151,7 +156,8 @@ class ReplicatedDatabase(Database):
                 scope.saw(attempt.lsn)
                 return rows
         self.fallbacks[reason] += 1
-        return await self.fetch(statement, parameters, scope)
+        self.primary_reads += 1
+        return await self.primary.fetch(statement, parameters, scope)
 
     def _choose(self, min_lsn: int | None) -> tuple[Replica | None, str]:
         """A replica for a read (in turn among those that qualify), or why none. With a token,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from adaccounts.v1 import ad_accounts_pb2 as pb
@@ -29,6 +29,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
 # it back is served by a database at least that far along (replicas.py). 16 hex digits, so a
 # greater token is a later state and tokens compare as strings.
 CONSISTENCY_TOKEN = "x-consistency-token"
+Response = TypeVar("Response")
 _TOKEN_DIGITS = frozenset("0123456789abcdef")
 
 
@@ -39,31 +40,33 @@ class AdAccountService:
 
     # --- RPCs --------------------------------------------------------------------------------
 
-    async def GetAdAccount(self, request: pb.GetAdAccountRequest, context: grpc.aio.ServicerContext) -> pb.AdAccount:
+    async def GetAdAccount(
+        self, request: pb.GetAdAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AdAccount:
         return await self._run(context, self._get, request, read=True)
 
     async def BatchGetAdAccounts(
-        self, request: pb.BatchGetAdAccountsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BatchGetAdAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchGetAdAccountsResponse:
         return await self._run(context, self._batch_get, request, read=True)
 
     async def ListAdAccounts(
-        self, request: pb.ListAdAccountsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListAdAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListAdAccountsResponse:
         return await self._run(context, self._list, request, read=True)
 
     async def CreateAdAccount(
-        self, request: pb.CreateAdAccountRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateAdAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AdAccount:
         return await self._run(context, self._create, request)
 
     async def UpdateAdAccount(
-        self, request: pb.UpdateAdAccountRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateAdAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AdAccount:
         return await self._run(context, self._update, request)
 
     async def DeleteAdAccount(
-        self, request: pb.DeleteAdAccountRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteAdAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> empty_pb2.Empty:
         return await self._run(context, self._delete, request)
 
@@ -105,12 +108,12 @@ class AdAccountService:
 
     async def _run(
         self,
-        context: grpc.aio.ServicerContext,
-        work: Callable[[Any, CallScope], Awaitable[Any]],
+        context: grpc.aio.ServicerContext[Any, Any],
+        work: Callable[[Any, CallScope], Awaitable[Response]],
         request: message.Message,
         *,
         read: bool = False,
-    ) -> Any:
+    ) -> Response:
         """`await work(request, scope)` with the call's deadline (and, for a read, the
         consistency token it sent); what it raises becomes the call's status.
 
@@ -141,7 +144,7 @@ class AdAccountService:
             await errors.answer(context, status.code, status.details, trailing)
 
 
-def _consistency_token(context: grpc.aio.ServicerContext) -> int | None:
+def _consistency_token(context: grpc.aio.ServicerContext[Any, Any]) -> int | None:
     """The position a read's x-consistency-token asks for; INVALID_ARGUMENT when malformed."""
     for key, value in context.invocation_metadata() or ():
         if key == CONSISTENCY_TOKEN:
@@ -175,8 +178,10 @@ def _tolerant_parser(message_class: type[message.Message]) -> Callable[[bytes], 
 
 def rpc_handlers(
     servicer: AdAccountService,
-    guard: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = lambda _method, handler: handler,
-) -> dict[str, grpc.RpcMethodHandler]:
+    guard: Callable[
+        [str, grpc.RpcMethodHandler[Any, Any]], grpc.RpcMethodHandler[Any, Any]
+    ] = lambda _method, handler: handler,
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The service's method handlers by method name, built from the proto descriptor, each
     passed once through `guard(full method name, handler)` (authentication, logs, metrics),
     for app.register_service.

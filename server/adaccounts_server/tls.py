@@ -71,4 +71,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         settings.GRPC_TLS_KEY_FILE,
         settings.GRPC_TLS_CLIENT_CA_FILE if mutual else None,
     )
-    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch, require_client_authentication=mutual)
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial,
+        files.fetch,  # type: ignore[arg-type]  # gRPC documents None as "no change"; grpc-stubs leaves it out
+        require_client_authentication=mutual,
+    )

@@ -47,7 +47,7 @@ class Tracing:
         resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", "adaccounts")})
         self.provider = TracerProvider(resource=resource)
         self.provider.add_span_processor(BatchSpanProcessor(exporter_for(settings)))
-        self.interceptor = aio_server_interceptor(tracer_provider=self.provider)
+        self.interceptor = aio_server_interceptor(tracer_provider=self.provider)  # type: ignore[no-untyped-call]
         logs.enable_trace_ids()
 
     def sql_tracer(self) -> Any:

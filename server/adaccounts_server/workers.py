@@ -134,7 +134,8 @@ def _claim_port(host: str, port: int) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host.strip("[]"), port))
-        return probe.getsockname()[1]
+        claimed: int = probe.getsockname()[1]  # (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
+        return claimed
 
 
 def _worker_main(settings: Settings, configure_logging: Callable[[str, str], None]) -> None:
