@@ -10,12 +10,13 @@ enums it passes and gets back, and every exception they raise.
 # The client's version follows the contract it was generated from: the major
 # version is the proto package's (adaccounts.v1 -> 1.x.y), the minor goes up with
 # every additive change to that package, the patch with client-only fixes.
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 from ._common import RetryPolicy
 from .aio import AsyncAdAccountsClient
 from .client import AdAccountsClient, tls_credentials
 from .errors import (
+    CONSISTENCY_TOKEN_KEY,
     Aborted,
     AdAccountsError,
     AlreadyExists,
@@ -26,6 +27,7 @@ from .errors import (
     FieldViolation,
     Internal,
     InvalidArgument,
+    InvalidConsistencyToken,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -56,6 +58,7 @@ from .v1.ad_accounts_pb2 import (
 )
 
 __all__ = [
+    "CONSISTENCY_TOKEN_KEY",
     "PLATFORM_AMAZON",
     "PLATFORM_GOOGLE",
     "PLATFORM_LINKEDIN",
@@ -84,6 +87,7 @@ __all__ = [
     "FieldViolation",
     "Internal",
     "InvalidArgument",
+    "InvalidConsistencyToken",
     "ListAdAccountsResponse",
     "NotFound",
     "PermissionDenied",

@@ -10,15 +10,17 @@ wait for its whole deadline, and neither tells "never reached a server" apart.
 from __future__ import annotations
 
 import json
+import re
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import field_mask_pb2
 
-from .errors import REQUEST_ID_KEY, FieldViolation, InvalidArgument
+from .errors import CONSISTENCY_TOKEN_KEY, REQUEST_ID_KEY, FieldViolation, InvalidArgument, invalid_consistency_token
 from .v1 import ad_accounts_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AdAccountService"].full_name
@@ -173,6 +175,83 @@ def call_metadata(provider: MetadataProvider | None, metadata: Metadata) -> tupl
         request_id = uuid.uuid4().hex
         pairs = (*pairs, (REQUEST_ID_KEY, request_id))
     return pairs, request_id
+
+
+#: A consistency token: a WAL position as 16 hex digits, so that two compare as strings.
+_TOKEN = re.compile(r"[0-9a-f]{16}")
+
+
+def checked_token(token: object, name: str = "consistency_token") -> str:
+    """A token given by the caller, as sent (lowercase); InvalidConsistencyToken (a ValueError) if it is not one."""
+    if isinstance(token, str):
+        lowered = token.lower()
+        if _TOKEN.fullmatch(lowered):
+            return lowered
+    raise invalid_consistency_token(name, token)
+
+
+def received_token(trailing: object) -> str | None:
+    """The consistency token in a call's trailing metadata (pairs, typed differently by each flavour
+    of gRPC call and each set of stubs; None for none), if it has a well-formed one."""
+    for key, value in cast("Iterable[tuple[object, object]] | None", trailing) or ():
+        if key == CONSISTENCY_TOKEN_KEY and isinstance(value, str) and _TOKEN.fullmatch(value):
+            return value
+    return None
+
+
+def trailers_token(call: object) -> str | None:
+    """The consistency token in the trailers of a call, or of a failed call's error (sync flavour and
+    grpc.aio.AioRpcError: trailing_metadata() is a plain method), if the server sent one; None also
+    for an object without trailers (what an interceptor returned, an error raised by one)."""
+    trailing_metadata = getattr(call, "trailing_metadata", None)
+    try:
+        return received_token(trailing_metadata() if callable(trailing_metadata) else None)
+    except Exception:  # a call that never got trailers may not offer them
+        return None
+
+
+def greater_token(a: str | None, b: str | None) -> str | None:
+    """The newer of two tokens (None: none)."""
+    if a is None:
+        return b
+    return a if b is None or a >= b else b
+
+
+class TokenFloor:
+    """The greatest consistency token a client has seen, raised from any thread, never lowered."""
+
+    __slots__ = ("_lock", "value")
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self._lock = threading.Lock()
+
+    def raise_to(self, token: str | None) -> None:
+        current = self.value  # one attribute read: the common case (nothing newer) takes no lock
+        if token is None or (current is not None and token <= current):
+            return
+        with self._lock:
+            if self.value is None or token > self.value:
+                self.value = token
+
+
+def read_metadata(
+    pairs: tuple[tuple[str, str], ...], own: str | None, given: str | None
+) -> tuple[tuple[str, str], ...]:
+    """A read's metadata (`pairs` from call_metadata) with one x-consistency-token: the greatest of the
+    client's (`own`), the call's `consistency_token=` (`given`) and any in `pairs` (the caller's
+    metadata or metadata_provider); none when there is none. Raises InvalidConsistencyToken, before
+    anything is sent, for a `given` or metadata token that is not one (the server would refuse it)."""
+    token = own if given is None else greater_token(own, checked_token(given))
+    if any(key == CONSISTENCY_TOKEN_KEY for key, _ in pairs):
+        kept = []
+        for key, value in pairs:
+            if key == CONSISTENCY_TOKEN_KEY:
+                token = greater_token(token, checked_token(value, f"metadata {CONSISTENCY_TOKEN_KEY}"))
+            else:
+                kept.append((key, value))
+        pairs = tuple(kept)
+    return pairs if token is None else (*pairs, (CONSISTENCY_TOKEN_KEY, token))
 
 
 def _enum_values(field: str, enum: Any, values: Iterable[Any], violations: list[FieldViolation]) -> list[Any]:

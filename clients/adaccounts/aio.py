@@ -26,13 +26,18 @@ from ._common import (
     Metadata,
     MetadataProvider,
     RetryPolicy,
+    TokenFloor,
     call_metadata,
     channel_options,
+    checked_token,
     connect_budget,
     create_request,
     list_request,
     probe_timeout,
     probe_verdict,
+    read_metadata,
+    received_token,
+    trailers_token,
     update_request,
 )
 from .errors import (
@@ -92,7 +97,11 @@ class _Connection:
 
 
 class AsyncAdAccountsClient:
-    """Calls adaccounts.v1.AdAccountService from asyncio; arguments as for AdAccountsClient."""
+    """Calls adaccounts.v1.AdAccountService from asyncio; arguments as for AdAccountsClient.
+
+    Read-your-writes as there: every read sends the greatest consistency token the client has
+    seen (`consistency_token`, raised by `observe_consistency_token` or a read's `consistency_token=`).
+    """
 
     def __init__(
         self,
@@ -132,21 +141,56 @@ class AsyncAdAccountsClient:
             for _ in range(connections)
         ]
         self._turns = itertools.count()
+        self._tokens = TokenFloor()
+
+    # --- read-your-writes -------------------------------------------------------------------
+
+    @property
+    def consistency_token(self) -> str | None:
+        """The greatest consistency token this client has seen (None: none yet): what every read sends."""
+        return self._tokens.value
+
+    def observe_consistency_token(self, token: str) -> None:
+        """Makes every later read through this client see at least the state `token` stands for.
+        Raises InvalidConsistencyToken (a ValueError) if `token` is not one. Not a coroutine."""
+        self._tokens.raise_to(checked_token(token))
 
     # --- the RPCs ---------------------------------------------------------------------------
 
-    async def get(self, id: str, *, timeout: float | None = None, metadata: Metadata = ()) -> pb.AdAccount:
+    async def get(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        consistency_token: str | None = None,
+    ) -> pb.AdAccount:
         """The account with this id. Raises NotFound."""
         return await self._call(
-            lambda stub: stub.GetAdAccount, lambda: pb.GetAdAccountRequest(id=id), timeout, metadata
+            lambda stub: stub.GetAdAccount,
+            lambda: pb.GetAdAccountRequest(id=id),
+            timeout,
+            metadata,
+            read=True,
+            consistency_token=consistency_token,
         )
 
     async def batch_get(
-        self, ids: Iterable[str], *, timeout: float | None = None, metadata: Metadata = ()
+        self,
+        ids: Iterable[str],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        consistency_token: str | None = None,
     ) -> builtins.list[pb.AdAccount]:
         """Up to 1000 accounts in the order of `ids`. Raises NotFound naming the missing ones."""
         response = await self._call(
-            lambda stub: stub.BatchGetAdAccounts, lambda: pb.BatchGetAdAccountsRequest(ids=ids), timeout, metadata
+            lambda stub: stub.BatchGetAdAccounts,
+            lambda: pb.BatchGetAdAccountsRequest(ids=ids),
+            timeout,
+            metadata,
+            read=True,
+            consistency_token=consistency_token,
         )
         return builtins.list(response.ad_accounts)
 
@@ -161,6 +205,7 @@ class AsyncAdAccountsClient:
         order_by: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
+        consistency_token: str | None = None,
     ) -> pb.ListAdAccountsResponse:
         """One page: `ad_accounts` and the `next_page_token` for the next (empty on the last). See iter_ad_accounts."""
         return await self._call(
@@ -175,6 +220,8 @@ class AsyncAdAccountsClient:
             ),
             timeout,
             metadata,
+            read=True,
+            consistency_token=consistency_token,
         )
 
     async def create(
@@ -219,6 +266,7 @@ class AsyncAdAccountsClient:
         page_size: int = 0,
         timeout: float | None = None,
         metadata: Metadata = (),
+        consistency_token: str | None = None,
     ) -> AsyncIterator[pb.AdAccount]:
         """Every matching account, one page per call, each page fetched only when the last is used up."""
         platforms, statuses = tuple(platforms), tuple(statuses)
@@ -233,6 +281,7 @@ class AsyncAdAccountsClient:
                 order_by=order_by,
                 timeout=timeout,
                 metadata=metadata,
+                consistency_token=consistency_token,
             )
             for ad_account in page.ad_accounts:
                 yield ad_account
@@ -270,7 +319,12 @@ class AsyncAdAccountsClient:
         build: Callable[[], _Request],
         timeout: float | None,
         metadata: Metadata,
+        *,
+        read: bool = False,
+        consistency_token: str | None = None,
     ) -> _Response:
+        """Makes the call; a `read` sends the client's consistency token (or `consistency_token`,
+        if greater), and any call's trailers may raise the client's."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self._closed:
@@ -283,6 +337,8 @@ class AsyncAdAccountsClient:
             raise invalid_request(error) from error
         deadline = self._timeout if timeout is None else timeout
         pairs, request_id = call_metadata(self._metadata_provider, metadata)
+        if read:
+            pairs = read_metadata(pairs, self._tokens.value, consistency_token)
         connection = self._pick()
         budget = connect_budget(
             connect_timeout=self._connect_timeout, wait_for_ready=self._wait_for_ready, timeout=deadline
@@ -291,7 +347,7 @@ class AsyncAdAccountsClient:
             await self._raise_unless_connected(connection, started, deadline)
         remaining = None if deadline is None else deadline - (loop.time() - started)
         try:
-            return await rpc(connection.stub)(
+            call = rpc(connection.stub)(
                 request,
                 timeout=remaining,
                 metadata=pairs,
@@ -299,7 +355,11 @@ class AsyncAdAccountsClient:
                 # waits for the connection to come back rather than failing at once.
                 wait_for_ready=budget != 0,
             )
+            response = await call
+            # Done by now: the trailers (with the consistency token) came with the status.
+            trailing = await call.trailing_metadata()
         except grpc.RpcError as error:
+            self._tokens.raise_to(trailers_token(error))
             if self._closed:
                 raise client_closed() from error
             raise from_rpc_error(error, request_id=request_id) from error
@@ -314,6 +374,8 @@ class AsyncAdAccountsClient:
             if self._closed and (task is None or not task.cancelling()):
                 raise client_closed() from error
             raise
+        self._tokens.raise_to(received_token(trailing))
+        return response
 
     async def _raise_unless_connected(self, connection: _Connection, started: float, deadline: float | None) -> None:
         """No connection came up in time: ask gRPC why, and raise ConnectionFailed (unless one just did)."""

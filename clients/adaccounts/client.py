@@ -4,8 +4,9 @@ It adds only what every caller would otherwise get wrong on their own: a
 deadline on every call, a bounded wait for a connection (a restarting server is
 waited for; one that cannot be reached is reported as never reached), a
 request_id on every create (so that retrying it is safe), gRPC's own retries and
-load balancing, and exceptions instead of status codes. The messages are the
-generated ones (adaccounts.v1), unwrapped.
+load balancing, read-your-writes through read replicas (the consistency token),
+and exceptions instead of status codes. The messages are the generated ones
+(adaccounts.v1), unwrapped.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from ._common import (
     Metadata,
     MetadataProvider,
     RetryPolicy,
+    TokenFloor,
     call_metadata,
     channel_options,
+    checked_token,
     connect_budget,
     create_request,
     list_request,
     probe_timeout,
     probe_verdict,
+    read_metadata,
+    trailers_token,
     update_request,
 )
 from .errors import (
@@ -136,6 +141,12 @@ class AdAccountsClient:
     `keepalive_time_s` below 300 needs the server to allow it (see the README).
     `interceptors` and raw channel `options` are passed to gRPC as they are (an option
     given here replaces the client's own value for it).
+
+    Read-your-writes: the client keeps the greatest consistency token any call returned
+    (`consistency_token`) and sends it with every read (get, batch_get, list,
+    iter_ad_accounts), so a read through this client sees its own writes and never a state
+    older than one it saw before, even from a read replica. A token from another service
+    goes in with `observe_consistency_token`, or with one read's `consistency_token=`.
     """
 
     def __init__(
@@ -177,19 +188,64 @@ class AdAccountsClient:
             for _ in range(connections)
         ]
         self._turns = itertools.count()  # next() on it is atomic: no lock needed between threads
+        self._tokens = TokenFloor()
+
+    # --- read-your-writes -------------------------------------------------------------------
+
+    @property
+    def consistency_token(self) -> str | None:
+        """The greatest consistency token this client has seen (None: none yet): what every read sends.
+
+        16 hex digits, opaque: hand it to another service, whose client then reads at least
+        this database state (observe_consistency_token, or a read's `consistency_token=`).
+        """
+        return self._tokens.value
+
+    def observe_consistency_token(self, token: str) -> None:
+        """Makes every later read through this client see at least the state `token` stands for
+        (one from another service's write); a token older than the client's own changes nothing.
+        Raises InvalidConsistencyToken (a ValueError) if `token` is not one."""
+        self._tokens.raise_to(checked_token(token))
 
     # --- the RPCs ---------------------------------------------------------------------------
 
-    def get(self, id: str, *, timeout: float | None = None, metadata: Metadata = ()) -> pb.AdAccount:
-        """The account with this id. Raises NotFound."""
-        return self._call(lambda stub: stub.GetAdAccount, lambda: pb.GetAdAccountRequest(id=id), timeout, metadata)
+    def get(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        consistency_token: str | None = None,
+    ) -> pb.AdAccount:
+        """The account with this id. Raises NotFound.
+
+        `consistency_token` (on every read): this read sees at least that state as well.
+        """
+        return self._call(
+            lambda stub: stub.GetAdAccount,
+            lambda: pb.GetAdAccountRequest(id=id),
+            timeout,
+            metadata,
+            read=True,
+            consistency_token=consistency_token,
+        )
 
     def batch_get(
-        self, ids: Iterable[str], *, timeout: float | None = None, metadata: Metadata = ()
+        self,
+        ids: Iterable[str],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        consistency_token: str | None = None,
     ) -> builtins.list[pb.AdAccount]:
         """Up to 1000 accounts in the order of `ids`. Raises NotFound naming the missing ones."""
         response = self._call(
-            lambda stub: stub.BatchGetAdAccounts, lambda: pb.BatchGetAdAccountsRequest(ids=ids), timeout, metadata
+            lambda stub: stub.BatchGetAdAccounts,
+            lambda: pb.BatchGetAdAccountsRequest(ids=ids),
+            timeout,
+            metadata,
+            read=True,
+            consistency_token=consistency_token,
         )
         return builtins.list(response.ad_accounts)
 
@@ -204,6 +260,7 @@ class AdAccountsClient:
         order_by: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
+        consistency_token: str | None = None,
     ) -> pb.ListAdAccountsResponse:
         """One page: the response itself, whose `ad_accounts` are the page and whose
         `next_page_token` (empty on the last page) asks for the next, with the same filters.
@@ -224,6 +281,8 @@ class AdAccountsClient:
             ),
             timeout,
             metadata,
+            read=True,
+            consistency_token=consistency_token,
         )
 
     def create(
@@ -279,12 +338,14 @@ class AdAccountsClient:
         page_size: int = 0,
         timeout: float | None = None,
         metadata: Metadata = (),
+        consistency_token: str | None = None,
     ) -> Iterator[pb.AdAccount]:
         """Every matching account, fetching the next page only when the last one is used up.
 
         Each page is its own call with its own deadline and retries, so a walk of any
         length never runs into one deadline. In the default order (create_time) every
         row that exists for the whole walk comes exactly once, even while rows are added.
+        Every page sees at least the state of the one before it (and `consistency_token`'s).
         """
         platforms, statuses = tuple(platforms), tuple(statuses)  # read once per page
         token = ""
@@ -298,6 +359,7 @@ class AdAccountsClient:
                 order_by=order_by,
                 timeout=timeout,
                 metadata=metadata,
+                consistency_token=consistency_token,
             )
             yield from page.ad_accounts
             token = page.next_page_token
@@ -334,7 +396,12 @@ class AdAccountsClient:
         build: Callable[[], _Request],
         timeout: float | None,
         metadata: Metadata,
+        *,
+        read: bool = False,
+        consistency_token: str | None = None,
     ) -> _Response:
+        """Makes the call; a `read` sends the client's consistency token (or `consistency_token`,
+        if greater), and any call's trailers may raise the client's."""
         started = time.monotonic()
         if self._closed:
             raise client_closed()
@@ -346,6 +413,8 @@ class AdAccountsClient:
             raise invalid_request(error) from error
         deadline = self._timeout if timeout is None else timeout
         pairs, request_id = call_metadata(self._metadata_provider, metadata)
+        if read:
+            pairs = read_metadata(pairs, self._tokens.value, consistency_token)
         connection = self._pick()
         budget = connect_budget(
             connect_timeout=self._connect_timeout, wait_for_ready=self._wait_for_ready, timeout=deadline
@@ -354,7 +423,9 @@ class AdAccountsClient:
             self._raise_unless_connected(connection, started, deadline)
         remaining = None if deadline is None else deadline - (time.monotonic() - started)
         try:
-            return rpc(connection.stub)(
+            # with_call, for the trailers (the consistency token): the same call as __call__,
+            # the same retries and deadline, plus a grpc.Call to read them from.
+            response, call = rpc(connection.stub).with_call(
                 request,
                 timeout=remaining,
                 metadata=pairs,
@@ -363,6 +434,7 @@ class AdAccountsClient:
                 wait_for_ready=budget != 0,
             )
         except grpc.RpcError as error:
+            self._tokens.raise_to(trailers_token(error))
             if self._closed:
                 raise client_closed() from error
             raise from_rpc_error(error, request_id=request_id) from error
@@ -370,6 +442,8 @@ class AdAccountsClient:
             if self._closed:
                 raise client_closed() from error
             raise
+        self._tokens.raise_to(trailers_token(call))
+        return response
 
     def _raise_unless_connected(self, connection: _Connection, started: float, deadline: float | None) -> None:
         """No connection came up in time: ask gRPC why, and raise ConnectionFailed (unless one just did)."""

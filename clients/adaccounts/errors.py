@@ -33,6 +33,10 @@ from grpc_status import rpc_status  # type: ignore[import-untyped, unused-ignore
 #: metadata has one), logged by the server and returned in the trailers.
 REQUEST_ID_KEY = "x-request-id"
 
+#: The metadata key of the consistency token: returned in the trailers of writes (and of reads, when
+#: the server reads from replicas), sent with reads so that they see at least that database state.
+CONSISTENCY_TOKEN_KEY = "x-consistency-token"
+
 _ERROR_ID = re.compile(r"\(error id ([0-9A-Za-z]+)\)")
 
 
@@ -113,6 +117,13 @@ class InvalidArgument(AdAccountsError):
             if detail.Unpack(bad_request):
                 violations.extend(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
         return violations
+
+
+class InvalidConsistencyToken(InvalidArgument, ValueError):
+    """A consistency token given to the client is not one (16 hex digits, as the server returns them).
+
+    Raised before anything is sent; both an InvalidArgument, as for any request the client cannot
+    build, and a ValueError, as observe_consistency_token raises it outside any call."""
 
 
 class NotFound(AdAccountsError):
@@ -230,6 +241,16 @@ def from_rpc_error(error: grpc.RpcError, *, request_id: str | None = None) -> Ad
 def invalid_request(error: Exception) -> InvalidArgument:
     """A request the client could not even build (a wrong type, an unknown enum name)."""
     return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"the request could not be built: {error}")
+
+
+def invalid_consistency_token(name: str, token: object) -> InvalidConsistencyToken:
+    shown = repr(token) if len(repr(token)) <= 40 else repr(token)[:37] + "..."
+    description = f"not a consistency token: {shown}; want 16 hex digits, as returned in {CONSISTENCY_TOKEN_KEY}"
+    return InvalidConsistencyToken(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{name}: {description}",
+        field_violations=[FieldViolation(name, description)],
+    )
 
 
 def client_closed() -> ClientClosed:
