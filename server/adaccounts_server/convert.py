@@ -193,17 +193,19 @@ def parse_list(request: pb.ListAdAccountsRequest) -> tuple[ListFilters, int]:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    """Timestamp.FromDatetime's result from datetime arithmetic alone: its calendar
-    math in Python was ~6 % of a point read's event-loop time."""
+def _set_timestamp(timestamp: timestamp_pb2.Timestamp, moment: datetime) -> None:
+    """Timestamp.FromDatetime's result from datetime arithmetic alone (its calendar math in
+    Python was ~6 % of a point read's event-loop time), set in place: a Timestamp built apart
+    is copied into its message field, ~0.5 us more a time (docs/decisions/0010)."""
     elapsed = as_utc(moment) - _EPOCH  # normalised: seconds and microseconds are never negative
-    return timestamp_pb2.Timestamp(seconds=elapsed.days * 86_400 + elapsed.seconds, nanos=elapsed.microseconds * 1000)
+    timestamp.seconds = elapsed.days * 86_400 + elapsed.seconds
+    timestamp.nanos = elapsed.microseconds * 1000
 
 
 def to_proto(row: Any) -> pb.AdAccount:
     """From a row of the table (db gives every row the same shape: columns as attributes,
     enums as the models' enums)."""
-    return pb.AdAccount(
+    account = pb.AdAccount(
         id=str(row.id),
         owner_id=str(row.owner_id),
         platform=_PLATFORM_OUT[row.platform],
@@ -212,7 +214,8 @@ def to_proto(row: Any) -> pb.AdAccount:
         currency_code=row.currency_code,
         time_zone=row.time_zone,
         status=_STATUS_OUT[row.status],
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
         etag=etag_of(row),
     )
+    _set_timestamp(account.create_time, row.create_time)
+    _set_timestamp(account.update_time, row.update_time)
+    return account

@@ -25,6 +25,7 @@ import enum
 import logging
 import re
 import time
+import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -264,7 +265,7 @@ class _Compiled(NamedTuple):
         assert parameters is not None
         parts = [self.texts[0]]
         for name, text in zip(self.names, self.texts[1:], strict=True):
-            parts.append(transformer.as_literal(_db_value(parameters[name])))
+            parts.append(_literal(transformer, parameters[name]))
             parts.append(text)
         return b"".join(parts)
 
@@ -769,6 +770,15 @@ def lsn_value(text: Any) -> int:
 def parse_lsn(value: bytes | None) -> int | None:
     """A pg_lsn from a result's text cell (None: NULL, as on a standby not yet replaying)."""
     return None if value is None else lsn_value(value.decode())
+
+
+def _literal(transformer: PgTransformer, value: Any) -> bytes:
+    """`value` as an SQL literal: psycopg's, but for a list of UUIDs (BatchGet's ids), written
+    here as psycopg writes it: its array dumper quotes item by item, ~1.7 us an id, and a
+    UUID's text (hex digits and hyphens) never needs quoting (docs/decisions/0010)."""
+    if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
+        return b"'{%s}'::uuid[]" % ",".join([item.hex for item in value]).encode()
+    return transformer.as_literal(_db_value(value))
 
 
 def _db_value(value: Any) -> Any:
