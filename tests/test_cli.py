@@ -3,17 +3,10 @@ migrate, invalid settings, and no password in anything it prints."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,61 +14,20 @@ import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from adaccounts_server.migrate import upgrade_to_head
-from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_database, new_account, without_settings
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
+from helpers.cli import ADACCOUNTS, lines, pg_url, run
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.settings import PAGE_TOKEN_SECRET
 
-# The console script installed next to this interpreter (the README's test command installs it).
-ADACCOUNTS = shutil.which("adaccounts", path=str(Path(sys.executable).parent)) or shutil.which("adaccounts")
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 15.0
-SERVING = health_pb2.HealthCheckResponse.SERVING
 HEAD_REVISION = "0003"
-# Reconnect quickly while polling a server that is still starting.
-FAST_RECONNECT = [
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 200),
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _console_script() -> None:
     if ADACCOUNTS is None:
         pytest.fail("the `adaccounts` console script is not installed: run `pip install --no-deps -e ./clients -e .`")
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    env = without_settings(dict(os.environ))
-    env.update(settings)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run(cwd: Path, *args: str, timeout: float = TIMEOUT_S, **settings: str) -> subprocess.CompletedProcess[str]:
-    assert ADACCOUNTS is not None
-    return subprocess.run(
-        [ADACCOUNTS, *args], cwd=cwd, env=clean_env(**settings), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def pg_url(database: str, password: str | None = None) -> str:
-    """A bare postgresql:// URL (as operators write it) to a database on the test server."""
-    url = make_url(ADMIN_URL).set(drivername="postgresql", database=database)
-    if password is not None:
-        url = url.set(password=password)
-    return url.render_as_string(hide_password=False)
 
 
 def tables(database: str) -> set[str]:
@@ -86,93 +38,6 @@ def tables(database: str) -> set[str]:
             return {name for (name,) in cursor.fetchall()}
     finally:
         connection.close()
-
-
-@pytest.fixture
-def empty_db() -> Iterator[str]:
-    """The name of a new, empty database (no migrations) on the shared PostgreSQL."""
-    name = f"adaccounts_cli_{uuid.uuid4().hex[:12]}"
-    create_database(ADMIN_URL, name)
-    try:
-        yield name
-    finally:
-        drop_database(ADMIN_URL, name)
-
-
-@pytest.fixture
-def migrated_db(empty_db: str) -> str:
-    upgrade_to_head(make_url(pg_url(empty_db)).set(drivername="postgresql+psycopg"))
-    return empty_db
-
-
-@dataclass
-class Served:
-    """`adaccounts serve` in a subprocess, its output in files (never a full pipe)."""
-
-    process: subprocess.Popen[bytes]
-    target: str
-    stdout: Path
-    stderr: Path
-
-    @property
-    def output(self) -> str:
-        return self.stdout.read_text() + self.stderr.read_text()
-
-    def wait_serving(self, service: str = "", timeout: float = TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        request = health_pb2.HealthCheckRequest(service=service)
-        with grpc.insecure_channel(self.target, options=FAST_RECONNECT) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    pytest.fail(f"serve exited with {self.process.returncode} before SERVING:\n{self.output}")
-                try:
-                    if health.Check(request, timeout=0.5).status == SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        pytest.fail(f"{service!r} not SERVING on {self.target} within {timeout:g} s:\n{self.output}")
-
-    def terminate(self, timeout: float = TIMEOUT_S) -> int:
-        """SIGTERM, then the exit code (killed and failed if it does not exit in time)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"serve did not exit within {timeout:g} s of SIGTERM:\n{self.output}")
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    """Start `adaccounts serve --host 127.0.0.1 --port <free>` in tmp_path with the given settings."""
-    started: list[Served] = []
-
-    def start(*args: str, **settings: str) -> Served:
-        assert ADACCOUNTS is not None
-        port = free_port()
-        n = len(started)
-        stdout, stderr = tmp_path / f"serve{n}.out", tmp_path / f"serve{n}.err"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            process = subprocess.Popen(
-                [ADACCOUNTS, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-                cwd=tmp_path,
-                env=clean_env(**settings),
-                stdout=out,
-                stderr=err,
-            )
-        served = Served(process, f"127.0.0.1:{port}", stdout, stderr)
-        started.append(served)
-        return served
-
-    yield start
-    for served in started:
-        if served.process.poll() is None:
-            served.process.kill()
-            served.process.wait()
 
 
 # --- serve: zero setup ---------------------------------------------------------------------
@@ -394,7 +259,7 @@ def test_serve_never_runs_ddl_on_postgresql(serve, tmp_path: Path, empty_db: str
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
         # No table: this fails (how is not asserted here) but must not create one either.
         pb_grpc.AdAccountServiceStub(channel).GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=5)
-    time.sleep(1.0)
+    time.sleep(1.0)  # deliberately: five health checks go by, and still no table, still running
     assert server.process.poll() is None, f"serve stopped:\n{server.output}"
     assert tables(empty_db) == set(), "serve must never create tables on PostgreSQL (run `adaccounts migrate`)"
     # The schema gate: not ready, saying what to do.
@@ -428,9 +293,7 @@ def test_serve_with_the_database_down_is_alive_not_ready_and_never_prints_the_pa
     url = f"postgresql://postgres:{password}@127.0.0.1:{free_port()}/x"
     server = serve(DATABASE_URL=url, PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET, LOG_LEVEL="DEBUG")
     server.wait_serving("liveness")
-    deadline = time.monotonic() + TIMEOUT_S
-    while "NOT_SERVING" not in server.output and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "NOT_SERVING" in server.output, 15, message="serve to log NOT_SERVING")
     readiness = run(tmp_path, "check", "--target", server.target, "--service", "readiness")
     assert readiness.returncode == 1, readiness.stdout + readiness.stderr
     assert lines(readiness.stdout) == [f"{server.target} 'readiness': NOT_SERVING"]

@@ -11,6 +11,7 @@ import itertools
 import json
 import re
 import subprocess
+import threading
 import time
 import tomllib
 import uuid
@@ -51,10 +52,13 @@ from adaccounts import (
 )
 from adaccounts._common import channel_options
 from adaccounts.v1 import ad_accounts_pb2 as pb
-from client_helpers import CLIENTS, LIST_METHOD, FakeServer
-from conftest import RunningServer, new_account, test_settings
 from google.rpc import status_pb2
-from pg_instance import free_port
+from helpers.clients import CLIENTS, LIST_METHOD, FakeServer
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +345,8 @@ def test_no_server_raises_connection_failed_naming_the_cause():
         with pytest.raises(Unavailable):  # what 1.0 callers catch
             client.delete(str(uuid.uuid4()))
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "Connection refused" in caught.value.details and "never sent" in caught.value.details
+    assert "Connection refused" in caught.value.details
+    assert "never sent" in caught.value.details
     assert caught.value.status is None  # no server, so no google.rpc.Status
     assert caught.value.request_id is None  # and no request id: it never left the client
 
@@ -353,7 +358,7 @@ def test_a_deadline_passed_at_a_server_raises_deadline_exceeded_with_the_request
 
     def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
         seen.append(dict(context.invocation_metadata())["x-request-id"])
-        time.sleep(1.0)
+        time.sleep(1.0)  # deliberately slower than the client's 0.3 s deadline
         return b""
 
     with FakeServer(slow) as fake, AdAccountsClient(fake.target, timeout=0.3) as client:
@@ -362,7 +367,8 @@ def test_a_deadline_passed_at_a_server_raises_deadline_exceeded_with_the_request
             client.update(new_account(id=str(uuid.uuid4())))
         assert time.monotonic() - started < 0.6
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert seen and caught.value.request_id == seen[0]
+    assert seen
+    assert caught.value.request_id == seen[0]
 
 
 def test_resource_exhausted_has_its_class(client, clean_db):
@@ -395,11 +401,18 @@ def test_a_closed_client_raises_client_closed_from_every_method(server):
 
 
 def test_closing_the_client_cancels_a_call_in_progress_with_client_closed():
-    with FakeServer(lambda request, context: time.sleep(2) or b"") as fake:
+    arrived = threading.Event()
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        arrived.set()
+        time.sleep(2)  # deliberately: still answering when the client closes
+        return b""
+
+    with FakeServer(slow) as fake:
         client = AdAccountsClient(fake.target)
         with ThreadPoolExecutor(1) as pool:
             call = pool.submit(client.get, str(uuid.uuid4()))
-            time.sleep(0.3)
+            assert arrived.wait(5), "the call never reached the server"
             client.close()
             with pytest.raises(ClientClosed):
                 call.result(5)
@@ -409,6 +422,8 @@ def test_closing_the_client_ends_a_wait_for_a_connection_with_client_closed():
     client = AdAccountsClient(f"127.0.0.1:{free_port()}", connect_timeout=10)
     with ThreadPoolExecutor(1) as pool:
         call = pool.submit(client.get, str(uuid.uuid4()))
+        wait_until(call.running, message="the call to start")
+        # Deliberately: a wait for a connection that never comes leaves nothing to observe.
         time.sleep(0.3)
         started = time.monotonic()
         client.close()
@@ -422,7 +437,7 @@ def test_a_channel_gone_idle_connects_again_for_the_next_call(server, clean_db):
     default); the next call asks for a new one rather than waiting out connect_timeout."""
     with AdAccountsClient(server.target, options=[("grpc.client_idle_timeout_ms", 1000)]) as client:
         client.list(page_size=1)
-        time.sleep(2.5)
+        time.sleep(2.5)  # deliberately idle past grpc.client_idle_timeout_ms (1 s here)
         started = time.monotonic()
         client.list(page_size=1)
         assert time.monotonic() - started < 1.0
@@ -458,7 +473,7 @@ def test_a_calls_own_token_replaces_the_providers(database_url, clean_db):
         hashlib.sha256(reader.encode()).hexdigest(): {"name": "billing", "scope": "read"},
         hashlib.sha256(writer.encode()).hexdigest(): {"name": "onboarding", "scope": "read-write"},
     }
-    running = RunningServer(test_settings(database_url, AUTH_TOKENS=json.dumps(tokens)))
+    running = RunningServer(server_settings(database_url, AUTH_TOKENS=json.dumps(tokens)))
     recorder = CallRecorder()
     try:
         with AdAccountsClient(
@@ -501,7 +516,8 @@ def test_every_call_gets_the_default_deadline_unless_it_gives_its_own(server, cl
     create_metadata, get_metadata = dict(create_call.metadata), dict(get_call.metadata)
     assert create_metadata.keys() == {"authorization", "x-request-id"}
     assert create_metadata["authorization"] == "Bearer t0ken"
-    assert get_metadata.keys() == {"authorization", "x-request-source", "x-request-id"}
+    # The create answered with a consistency token, which the read sends back (docs/replicas.md).
+    assert get_metadata.keys() == {"authorization", "x-request-source", "x-request-id", "x-consistency-token"}
     assert create_metadata["x-request-id"] != get_metadata["x-request-id"]  # one per call
 
 
@@ -691,7 +707,8 @@ def test_plaintext_to_a_tls_server_is_refused_naming_the_likely_cause(tls_proxy)
         pytest.raises(ConnectionFailed) as caught,
     ):
         client.get(str(uuid.uuid4()))
-    assert "Socket closed" in caught.value.details and "does it want TLS" in caught.value.details
+    assert "Socket closed" in caught.value.details
+    assert "does it want TLS" in caught.value.details
 
 
 def test_tls_credentials_want_certificate_and_key_together(pki):

@@ -4,6 +4,7 @@ against the real server and PostgreSQL. Each test runs one asyncio.run()."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 import uuid
 
@@ -23,9 +24,9 @@ from adaccounts import (
     Unavailable,
 )
 from adaccounts.v1 import ad_accounts_pb2 as pb
-from client_helpers import LIST_METHOD, FakeServer
-from conftest import new_account
-from pg_instance import free_port
+from helpers.clients import LIST_METHOD, FakeServer
+from helpers.ports import free_port
+from helpers.rpc import new_account
 
 
 def test_the_async_client_has_the_same_methods_as_the_sync_one():
@@ -130,6 +131,7 @@ def test_errors_map_to_the_same_exceptions(server, clean_db):
 
 def test_a_deadline_passed_at_a_server_raises_deadline_exceeded():
     async def scenario() -> None:
+        # Deliberately slower than the client's 0.3 s deadline.
         with FakeServer(lambda request, context: time.sleep(1.0) or b"") as fake:
             async with AsyncAdAccountsClient(fake.target, timeout=0.3) as client:
                 with pytest.raises(DeadlineExceeded) as caught:
@@ -148,17 +150,24 @@ def test_a_closed_client_raises_client_closed(server):
         with pytest.raises(ClientClosed):
             [a async for a in client.iter_ad_accounts()]
 
-        with FakeServer(lambda request, context: time.sleep(2) or b"") as fake:
+        arrivals: queue.Queue[None] = queue.Queue()
+
+        def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+            arrivals.put(None)
+            time.sleep(2)  # deliberately: still answering when the call is ended
+            return b""
+
+        with FakeServer(slow) as fake:
             client = AsyncAdAccountsClient(fake.target)
             call = asyncio.ensure_future(client.get(str(uuid.uuid4())))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(arrivals.get, timeout=5)  # the call reached the server
             await client.close()
             with pytest.raises(ClientClosed):
                 await call
 
             async with AsyncAdAccountsClient(fake.target) as client:  # the caller's own cancellation stays one
                 call = asyncio.ensure_future(client.get(str(uuid.uuid4())))
-                await asyncio.sleep(0.3)
+                await asyncio.to_thread(arrivals.get, timeout=5)
                 call.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await call

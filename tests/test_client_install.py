@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
-from client_helpers import CLIENTS
-from doc_examples import examples
+from helpers.clients import CLIENTS
+from helpers.doc_examples import examples
 
 SERVER_STACK = ("sqlalchemy", "sqlmodel", "psycopg", "pydantic_settings", "pydantic", "alembic", "adaccounts_server")
 

@@ -1,5 +1,5 @@
 """Server restarts: the server is stopped mid-loop and a new one started on the same port
-a while later, while the client keeps calling; and the bounds the README states, measured.
+a while later, while the client keeps calling; and the bounds clients/README.md states, measured.
 
 What makes a call made during the outage succeed is the client's wait for a connection
 (connect_timeout, 5 s by default): the call is not sent while no connection is up, and goes
@@ -13,7 +13,6 @@ connection up to the call's deadline instead of connect_timeout.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -30,10 +29,14 @@ from adaccounts import (
     DeadlineExceeded,
 )
 from adaccounts._common import MAX_RECONNECT_BACKOFF_MS
-from conftest import RunningServer, new_account, test_settings
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 OUTAGE_S = 1.0
-#: The README's promise: once the server listens again, a waiting call goes out within the
+#: clients/README.md's promise: once the server listens again, a waiting call goes out within the
 #: longest reconnect backoff (+20 % jitter), plus the connection and the call themselves.
 BACK_WITHIN_S = MAX_RECONNECT_BACKOFF_MS / 1000 * 1.2 + 0.4
 
@@ -42,10 +45,8 @@ class RestartableServer:
     """A RunningServer on a fixed port, so that its replacement is at the same address."""
 
     def __init__(self, database_url) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self._settings = test_settings(database_url, GRPC_PORT=port)
+        port = free_port()
+        self._settings = server_settings(database_url, GRPC_PORT=port)
         self.target = f"127.0.0.1:{port}"
         self._running: RunningServer | None = RunningServer(self._settings)
 
@@ -91,20 +92,18 @@ def restart_while_calling(
             except AdAccountsError as caught:
                 error = caught
             outcomes.append(Outcome(started, time.monotonic(), error))
-            time.sleep(0.02)
+            time.sleep(0.02)  # deliberately: a steady caller, not a tight loop
 
     caller = threading.Thread(target=loop, name="client-loop")
     caller.start()
     try:
-        time.sleep(0.3)
+        wait_until(lambda: any(o.error is None for o in outcomes), message="a call to succeed before the restart")
         server.stop()
         down = time.monotonic()
-        time.sleep(outage_s)
+        time.sleep(outage_s)  # deliberately: the outage lasts this long
         server.start()
         back = time.monotonic()
-        deadline = back + 15
-        while sum(o.started > back for o in outcomes) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: sum(o.started > back for o in outcomes) >= 3, 15, message="three calls after the restart")
     finally:
         done.set()
         caller.join(20)
@@ -150,7 +149,7 @@ def test_without_the_connection_wait_and_the_retry_policy_the_same_restart_fails
 
 @pytest.mark.parametrize("outage_s", [1.0, 3.0])
 def test_a_restart_holds_a_call_no_longer_than_the_outage_and_the_reconnect(restartable, outage_s):
-    """The README's bound, measured: with the defaults (connect_timeout 5 s, deadline 10 s), a
+    """clients/README.md's bound, measured: with the defaults (connect_timeout 5 s, deadline 10 s), a
     call made during a restart, or in flight when it began, returns within BACK_WITHIN_S of the
     server listening again, and the first call after that does not wait seconds."""
     with AdAccountsClient(restartable.target) as client:
@@ -202,7 +201,7 @@ def test_async_client_holds_a_call_no_longer_than_the_outage_and_the_reconnect(r
             account = await client.create(new_account())
             await asyncio.to_thread(restartable.stop)
             call = asyncio.ensure_future(client.get(account.id))  # made while nothing listens
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(2.0)  # deliberately: the server stays down this long
             assert not call.done()  # still waiting for a connection
             await asyncio.to_thread(restartable.start)
             back = time.monotonic()
@@ -220,9 +219,7 @@ def test_async_client_holds_a_call_no_longer_than_the_outage_and_the_reconnect(r
 
 def test_no_server_fails_after_connect_timeout_never_the_deadline_with_the_cause():
     """Nothing listens: ConnectionFailed after min(connect_timeout, deadline), saying why."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        target = f"127.0.0.1:{probe.getsockname()[1]}"
+    target = f"127.0.0.1:{free_port()}"
     for kwargs, expected_s in [
         ({"timeout": 2.0}, 2.0),  # the deadline is shorter than connect_timeout
         ({"connect_timeout": 0.5}, 0.5),
@@ -237,7 +234,8 @@ def test_no_server_fails_after_connect_timeout_never_the_deadline_with_the_cause
         assert expected_s - 0.05 <= took <= expected_s + 0.35, (kwargs, took)
         assert "Connection refused" in caught.value.details, caught.value.details
         assert "never sent" in caught.value.details
-        assert caught.value.request_id is None and caught.value.status is None
+        assert caught.value.request_id is None
+        assert caught.value.status is None
         assert not isinstance(caught.value, DeadlineExceeded)
 
 
@@ -248,7 +246,7 @@ def test_async_client_waits_across_a_restart_too(restartable):
             await asyncio.to_thread(restartable.stop)
             started = time.monotonic()
             call = asyncio.ensure_future(client.get(account.id))  # made while nothing listens
-            await asyncio.sleep(OUTAGE_S)
+            await asyncio.sleep(OUTAGE_S)  # deliberately: the outage lasts this long
             assert not call.done()  # still retrying
             await asyncio.to_thread(restartable.start)
             assert await call == account

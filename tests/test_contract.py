@@ -36,7 +36,8 @@ RELEASED = ROOT / "protos" / "released.binpb"
 
 def _generate_protos_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("generate_protos", ROOT / "scripts" / "generate_protos.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -88,11 +89,13 @@ def test_buf_breaking_catches_a_breaking_change(tmp_path: Path) -> None:
     text = proto.read_text()
     broken = re.sub(r"string etag = (\d+);", lambda m: f"string etag = {int(m.group(1)) + 100};", text, count=1)
     broken = re.sub(r"\n\s*rpc DeleteAdAccount\([^)]*\) returns \([^)]*\)\s*(\{[^}]*\}|;)", "\n", broken, count=1)
-    assert broken.count("etag = ") == text.count("etag = ") and "rpc DeleteAdAccount" not in broken, "edit failed"
+    assert broken.count("etag = ") == text.count("etag = "), "edit failed"
+    assert "rpc DeleteAdAccount" not in broken, "edit failed"
     proto.write_text(broken)
     result = buf("breaking", "--against", str(RELEASED), cwd=tmp_path)
     assert result.returncode != 0, f"buf breaking passed a breaking change:\n{result.stdout}{result.stderr}"
-    assert "etag" in result.stdout and "DeleteAdAccount" in result.stdout, result.stdout
+    assert "etag" in result.stdout, result.stdout
+    assert "DeleteAdAccount" in result.stdout, result.stdout
 
 
 def test_the_released_image_holds_the_contract() -> None:
@@ -157,7 +160,8 @@ def test_service_and_method_names() -> None:
         request, response = expected_io[method.name]
         assert method.input_type.full_name.removeprefix("adaccounts.v1.") == request
         assert method.output_type.full_name.removeprefix("adaccounts.v1.") == response
-        assert not method.client_streaming and not method.server_streaming
+        assert not method.client_streaming
+        assert not method.server_streaming
 
 
 def test_proto_path_and_stub() -> None:

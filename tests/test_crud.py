@@ -1,4 +1,5 @@
-"""Get, BatchGet, Create, Update and Delete through a real server, real stubs and PostgreSQL."""
+"""Get, BatchGet, Create, Update and Delete through a real server and real stubs, on
+PostgreSQL and on the embedded SQLite default alike (the contract holds on both)."""
 
 from __future__ import annotations
 
@@ -10,37 +11,10 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
-from conftest import new_account
-from google.protobuf import field_mask_pb2
-from grpc_status import rpc_status
+from helpers.backends import BACKENDS
+from helpers.rpc import create, field_violations, mask, new_account, rpc_error
 
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call(*args, **kwargs)
-    return caught.value
-
-
-def field_violations(error: grpc.RpcError) -> dict[str, str]:
-    """The google.rpc.BadRequest field violations an INVALID_ARGUMENT carries."""
-    from google.rpc import error_details_pb2
-
-    status = rpc_status.from_call(error)
-    assert status is not None, "INVALID_ARGUMENT must carry a google.rpc.Status"
-    violations: dict[str, str] = {}
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad_request)
-        violations.update({v.field: v.description for v in bad_request.field_violations})
-    return violations
-
-
-def create(stub, **fields) -> pb.AdAccount:
-    return stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account(**fields)))
-
-
-def mask(*paths: str) -> field_mask_pb2.FieldMask:
-    return field_mask_pb2.FieldMask(paths=list(paths))
+pytestmark = pytest.mark.backends(*BACKENDS)
 
 
 # --- Create and Get ------------------------------------------------------------------------------
@@ -78,7 +52,8 @@ def test_create_with_taken_platform_and_external_id_is_already_exists(stub):
     first = create(stub, platform=pb.PLATFORM_GOOGLE, external_id="123-456-7890")
     error = rpc_error(create, stub, platform=pb.PLATFORM_GOOGLE, external_id="123-456-7890")
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "123-456-7890" in error.details() and first.id in error.details()
+    assert "123-456-7890" in error.details()
+    assert first.id in error.details()
     # the same external id on another platform is a different account
     assert create(stub, platform=pb.PLATFORM_TIKTOK, external_id="123-456-7890").id != first.id
 
@@ -121,7 +96,8 @@ def test_batch_get_with_a_missing_id_is_not_found_naming_it(stub):
     missing = str(uuid.uuid4())
     error = rpc_error(stub.BatchGetAdAccounts, pb.BatchGetAdAccountsRequest(ids=[present, missing]))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert missing in error.details() and present not in error.details()
+    assert missing in error.details()
+    assert present not in error.details()
 
 
 def test_batch_get_accepts_1000_ids_and_refuses_1001(stub):
@@ -262,7 +238,8 @@ def test_platform_and_external_id_are_free_again_after_delete(stub):
 # --- the connection pool -------------------------------------------------------------------------
 
 
-def test_no_connection_is_left_checked_out_after_load(stub, server):
+def test_no_connection_is_left_checked_out_after_load(backend):
+    stub = backend.stub
     ids = [create(stub).id for _ in range(20)]
 
     def mixed(i: int) -> None:
@@ -275,4 +252,4 @@ def test_no_connection_is_left_checked_out_after_load(stub, server):
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(mixed, range(200)))
-    assert server.app.database.checked_out() == 0
+    assert backend.server.app.database.checked_out() == 0

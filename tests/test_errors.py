@@ -3,24 +3,20 @@ with field violations for INVALID_ARGUMENT and nothing internal leaking out."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import grpc
-import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import ADMIN_URL, RunningServer, create_database, drop_database, new_account, test_settings
-from test_crud import create, field_violations, rpc_error
+from helpers.backends import BACKENDS
+from helpers.databases import create_database, drop_database
+from helpers.locks import row_lock, table_lock
+from helpers.rpc import assert_clean, create, field_violations, new_account, rpc_error
+from helpers.server import RunningServer
+from helpers.settings import ADMIN_URL, server_settings
 
-# What a caller must never see in an error message.
-LEAKS = ("SELECT", "INSERT", "UPDATE ad_accounts", "ad_accounts", "psycopg", "Traceback", "127.0.0.1", "sqlalchemy")
-
-
-def assert_clean(error: grpc.RpcError) -> None:
-    for leak in LEAKS:
-        assert leak.lower() not in (error.details() or "").lower(), f"{leak!r} leaked: {error.details()}"
+pytestmark = pytest.mark.backends(*BACKENDS)
 
 
 def create_error(stub, **fields) -> grpc.RpcError:
@@ -135,8 +131,8 @@ def test_bad_enum_values_in_list_filters_are_invalid_argument(stub):
         ("BatchGetAdAccounts", b"\x0a\x01\x80"),  # ids[0] invalid UTF-8
     ],
 )
-def test_bytes_that_are_not_a_message_are_invalid_argument(channel, method, payload):
-    call = channel.unary_unary(f"/adaccounts.v1.AdAccountService/{method}")
+def test_bytes_that_are_not_a_message_are_invalid_argument(backend, method, payload):
+    call = backend.channel.unary_unary(f"/adaccounts.v1.AdAccountService/{method}")
     error = rpc_error(call, payload, timeout=5)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "not a valid" in error.details()
@@ -156,39 +152,14 @@ def test_unknown_account_is_not_found_and_taken_pair_already_exists(stub):
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-def hold_row_lock(database_url, account_id: str) -> tuple[threading.Event, threading.Thread]:
-    """Lock one row from another connection until the returned event is set."""
-    return hold_lock(database_url, "SELECT 1 FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
-
-
-def hold_lock(database_url, statement: str, parameters: tuple = ()) -> tuple[threading.Event, threading.Thread]:
-    """Run `statement` in a transaction on another connection, kept open until the returned event is set."""
-    locked, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        dsn = database_url.set(drivername="postgresql").render_as_string(False)
-        # psycopg 3: leaving the block commits, then closes the connection.
-        with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
-            cursor.execute(statement, parameters or None)
-            locked.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert locked.wait(10)
-    return release, thread
-
-
-def test_caller_deadline_passing_is_deadline_exceeded(stub, database_url):
+@pytest.mark.postgresql_only("a row lock held by another client makes the update wait")
+def test_caller_deadline_passing_is_deadline_exceeded(backend):
+    stub = backend.stub
     account = create(stub)
-    release, holder = hold_row_lock(database_url, account.id)
-    try:
+    with row_lock(backend.url, account.id):
         request = pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="blocked"))
         error = rpc_error(stub.UpdateAdAccount, request, timeout=0.3)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        release.set()
-        holder.join()
 
 
 def first_failure(call, request, attempts: int = 50) -> grpc.RpcError | None:
@@ -202,57 +173,54 @@ def first_failure(call, request, attempts: int = 50) -> grpc.RpcError | None:
     return None
 
 
-def test_exhausted_pool_is_unavailable(clean_db, database_url):
+@pytest.mark.postgresql_only("a row lock held by another client keeps the pool's only connection busy")
+def test_exhausted_pool_is_unavailable(backend):
     # One connection: an update stuck on a row lock holds it, and List reads through the same pool.
-    running = RunningServer(test_settings(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
+    running = RunningServer(server_settings(backend.url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
             account = create(stub)
-            release, holder = hold_row_lock(database_url, account.id)
-            try:
+            with row_lock(backend.url, account.id):
                 blocked = stub.UpdateAdAccount.future(
                     pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="waits")), timeout=20
                 )
                 error = first_failure(stub.ListAdAccounts, pb.ListAdAccountsRequest())
-                assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+                assert error is not None
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
                 assert_clean(error)
-            finally:
-                release.set()
-                holder.join()
             assert blocked.result().name == "waits", "the blocked call completes once the lock goes"
     finally:
         running.stop()
 
 
-def test_a_point_read_waiting_for_the_only_connection_is_unavailable(clean_db, database_url):
+@pytest.mark.postgresql_only("a table lock held by another client keeps the pool's only connection busy")
+def test_a_point_read_waiting_for_the_only_connection_is_unavailable(backend):
     # One connection, held by a read stuck behind a table lock; the next read waits
     # DB_POOL_TIMEOUT, then UNAVAILABLE.
-    running = RunningServer(test_settings(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
+    running = RunningServer(server_settings(backend.url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT=0.3))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
             account = create(stub)
-            release, holder = hold_lock(database_url, "LOCK TABLE ad_accounts IN ACCESS EXCLUSIVE MODE")
-            try:
+            with table_lock(backend.url):
                 blocked = stub.GetAdAccount.future(pb.GetAdAccountRequest(id=account.id), timeout=20)
                 error = first_failure(stub.GetAdAccount, pb.GetAdAccountRequest(id=account.id))
-                assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+                assert error is not None
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
                 assert_clean(error)
-            finally:
-                release.set()
-                holder.join()
             assert blocked.result() == account, "the blocked read completes once the lock goes"
             assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5) == account
     finally:
         running.stop()
 
 
-def test_unexpected_failure_is_internal_with_an_error_id_and_no_detail(clean_db):
+@pytest.mark.postgresql_only("a database without the schema: the server migrates a SQLite file itself as it starts")
+def test_unexpected_failure_is_internal_with_an_error_id_and_no_detail(backend):
     # A database without the schema: every query fails in a way the service does not expect.
     name = f"adaccounts_test_noschema_{uuid.uuid4().hex[:8]}"
     url = create_database(ADMIN_URL, name)
-    running = RunningServer(test_settings(url))
+    running = RunningServer(server_settings(url))
     try:
         with grpc.insecure_channel(running.target) as channel:
             error = rpc_error(

@@ -11,199 +11,34 @@ Each test prints what it measured (`pytest -m faults -s` shows it).
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import grpc
 import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import Route, RunningServer, new_account, test_settings
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pg_instance import wait_until
-from pgbouncer import SERVER_LOGIN_RETRY_S
-from test_errors import assert_clean
+from helpers.databases import Route, stored
+from helpers.load import CALL_TIMEOUT_S, OK, UNAVAILABLE, Load, codes_text
+from helpers.locks import row_lock
+from helpers.pgbouncer import SERVER_LOGIN_RETRY_S
+from helpers.polling import wait_until
+from helpers.rpc import assert_clean, code_of, new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 pytestmark = pytest.mark.faults
 
-OK = grpc.StatusCode.OK
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ABORTED = grpc.StatusCode.ABORTED
 
-# A deadline long enough that no call under test ever runs out of it: the only
-# errors should be the database's, not the caller's impatience.
-CALL_TIMEOUT_S = 10.0
 # How long after PostgreSQL is back every client thread must have succeeded again.
 RECOVERY_BOUND_S = 5.0
-
-
-def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    try:
-        call()
-    except grpc.RpcError as error:
-        return error.code(), error.details() or ""
-    return OK, ""
-
-
-def codes_text(counts: Counter) -> str:
-    return ", ".join(f"{code.name} {n}" for code, n in counts.most_common()) or "none"
-
-
-# --- load -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    thread: int
-    method: str
-    started: float
-    ended: float
-    code: grpc.StatusCode
-    details: str
-
-
-class Load:
-    """`threads` client threads, each calling a steady mix of Get/List/Create/Update/Delete on
-    accounts of its own (so that no call of one thread makes another's fail) until stopped.
-
-    With `record`, every outcome is kept (for the fault tests' timelines); without, only counts
-    (for the soak, whose memory is being measured).
-    """
-
-    MIX = (("GetAdAccount", 35), ("ListAdAccounts", 15), ("CreateAdAccount", 20), ("UpdateAdAccount", 25))
-    KEEP_PER_THREAD = 12  # past this many accounts of its own, a thread deletes its oldest
-
-    def __init__(self, target: str, threads: int = 6, *, record: bool = True, seed: int = 5) -> None:
-        self.channel = grpc.insecure_channel(target)
-        grpc.channel_ready_future(self.channel).result(timeout=10)
-        self.stub = pb_grpc.AdAccountServiceStub(self.channel)
-        self.owner = str(uuid.uuid4())
-        self.record = record
-        self.outcomes: list[Outcome] = []
-        self.counts: Counter[tuple[str, grpc.StatusCode]] = Counter()
-        self.last_ok = [0.0] * threads
-        self.unexpected: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._owned = [[self._create_seed(i) for _ in range(3)] for i in range(threads)]
-        self._threads = [
-            threading.Thread(target=self._run, args=(i, random.Random(seed + i)), name=f"load-{i}", daemon=True)
-            for i in range(threads)
-        ]
-
-    def _create_seed(self, thread: int) -> str:
-        account = new_account(owner_id=self.owner, external_id=f"load_{uuid.uuid4().hex[:12]}", name=f"t{thread}")
-        return self.stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=account), timeout=CALL_TIMEOUT_S).id
-
-    def start(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(CALL_TIMEOUT_S + 5)
-        assert not any(thread.is_alive() for thread in self._threads), "a load thread never finished"
-        self.channel.close()
-
-    def __enter__(self) -> Load:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        if not self._stop.is_set():
-            self.stop()
-
-    # --- the calls ------------------------------------------------------------------------------
-
-    def _run(self, index: int, rng: random.Random) -> None:
-        methods, weights = zip(*self.MIX, strict=True)
-        owned = self._owned[index]
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            method = rng.choices(methods, weights)[0]
-            if len(owned) > self.KEEP_PER_THREAD:
-                method = "DeleteAdAccount"
-            started = time.monotonic()
-            code, details = code_of(lambda method=method, n=n: self._call(method, index, n, owned, rng))
-            ended = time.monotonic()
-            outcome = Outcome(index, method, started, ended, code, details)
-            with self._lock:
-                self.counts[method, code] += 1
-                if code == OK:
-                    self.last_ok[index] = ended
-                if self.record:
-                    self.outcomes.append(outcome)
-                if code not in (OK, UNAVAILABLE):
-                    self.unexpected.append(outcome)
-
-    def _call(self, method: str, index: int, n: int, owned: list[str], rng: random.Random) -> None:
-        stub, timeout = self.stub, CALL_TIMEOUT_S
-        if method == "GetAdAccount":
-            stub.GetAdAccount(pb.GetAdAccountRequest(id=rng.choice(owned)), timeout=timeout)
-        elif method == "ListAdAccounts":
-            stub.ListAdAccounts(pb.ListAdAccountsRequest(owner_id=self.owner, page_size=20), timeout=timeout)
-        elif method == "CreateAdAccount":
-            account = new_account(owner_id=self.owner, external_id=f"load_{uuid.uuid4().hex[:12]}", name=f"t{index}")
-            owned.append(stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=account), timeout=timeout).id)
-        elif method == "UpdateAdAccount":
-            stub.UpdateAdAccount(
-                pb.UpdateAdAccountRequest(
-                    ad_account=pb.AdAccount(id=rng.choice(owned), name=f"t{index}-{n}"),
-                    update_mask=field_mask_pb2.FieldMask(paths=["name"]),
-                ),
-                timeout=timeout,
-            )
-        else:
-            # Whatever the outcome, never use this account again: a Delete that failed with
-            # UNAVAILABLE may still have committed.
-            stub.DeleteAdAccount(pb.DeleteAdAccountRequest(id=owned.pop(0)), timeout=timeout)
-
-    # --- what happened --------------------------------------------------------------------------
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.counts.values())
-
-    def counts_by_code(self) -> Counter:
-        with self._lock:
-            counts: Counter[grpc.StatusCode] = Counter()
-            for (_, code), n in self.counts.items():
-                counts[code] += n
-            return counts
-
-    def successes(self) -> int:
-        with self._lock:
-            return sum(n for (_, code), n in self.counts.items() if code == OK)
-
-    def codes(self, started_after: float = 0.0, started_before: float = float("inf")) -> Counter:
-        with self._lock:
-            return Counter(o.code for o in self.outcomes if started_after <= o.started < started_before)
-
-    def first_ok_after(self, moment: float) -> float | None:
-        """When the first call that ended after `moment` succeeded."""
-        with self._lock:
-            ends = [o.ended for o in self.outcomes if o.code == OK and o.ended > moment]
-        return min(ends) if ends else None
-
-    def all_recovered_after(self, moment: float) -> bool:
-        with self._lock:
-            return all(last > moment for last in self.last_ok)
-
-    def wait_for_successes(self, count: int, timeout: float = 10.0) -> None:
-        wait_until(
-            lambda: self.successes() >= count,
-            timeout,
-            message=f"{count} successful calls",
-        )
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -212,7 +47,7 @@ class Load:
 @pytest.fixture
 def server_on(route: Route) -> Iterator[RunningServer]:
     """A server on the route's database, its pool warm and its health SERVING."""
-    running = RunningServer(test_settings(route.url))
+    running = RunningServer(server_settings(route.url))
     try:
         with grpc.insecure_channel(running.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -466,16 +301,6 @@ def fail_at_commit(route: Route) -> Iterator[None]:
         connection.close()
 
 
-def stored(route: Route, where: str, *args: object) -> list[tuple]:
-    connection = superuser(route)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT id::text, name, version, update_time FROM ad_accounts WHERE {where}", args)
-            return cursor.fetchall()
-    finally:
-        connection.close()
-
-
 def test_a_create_that_fails_at_commit_leaves_no_row(route, server_on, fail_at_commit):
     with grpc.insecure_channel(server_on.target) as channel:
         stub = pb_grpc.AdAccountServiceStub(channel)
@@ -485,17 +310,18 @@ def test_a_create_that_fails_at_commit_leaves_no_row(route, server_on, fail_at_c
         with pytest.raises(grpc.RpcError) as caught:
             stub.CreateAdAccount(request, timeout=CALL_TIMEOUT_S)
         error = caught.value
-        left = stored(route, "external_id = %s OR request_id = %s", external_id, request_id)
+        left = stored(route.pg.dsn, "external_id = %s OR request_id = %s", external_id, request_id)
         # The same request again, the trigger still there: still refused, still nothing.
         again, _ = code_of(lambda: stub.CreateAdAccount(request, timeout=CALL_TIMEOUT_S))
-        left_again = stored(route, "external_id = %s OR request_id = %s", external_id, request_id)
+        left_again = stored(route.pg.dsn, "external_id = %s OR request_id = %s", external_id, request_id)
 
     print(f"\n[fail-at-commit create/{route.name}] {error.code().name}: {error.details()!r}; retry: {again.name}")
     assert error.code() not in (OK, grpc.StatusCode.UNKNOWN)
     if error.code() == grpc.StatusCode.INTERNAL:
         assert "error id" in error.details()
     assert_clean(error)
-    assert left == [] and left_again == [], "a failed create left a row behind"
+    assert left == [], "a failed create left a row behind"
+    assert left_again == [], "a failed create left a row behind"
     assert again == error.code()
 
 
@@ -503,7 +329,7 @@ def test_an_update_that_fails_at_commit_changes_nothing(route, server_on, fail_a
     with grpc.insecure_channel(server_on.target) as channel:
         stub = pb_grpc.AdAccountServiceStub(channel)
         account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=CALL_TIMEOUT_S)
-        before = stored(route, "id = %s", account.id)
+        before = stored(route.pg.dsn, "id = %s", account.id)
         with pytest.raises(grpc.RpcError) as caught:
             stub.UpdateAdAccount(
                 pb.UpdateAdAccountRequest(
@@ -513,7 +339,7 @@ def test_an_update_that_fails_at_commit_changes_nothing(route, server_on, fail_a
                 timeout=CALL_TIMEOUT_S,
             )
         error = caught.value
-        after = stored(route, "id = %s", account.id)
+        after = stored(route.pg.dsn, "id = %s", account.id)
         # The etag the caller holds is still good: nothing changed.
         renamed = stub.UpdateAdAccount(
             pb.UpdateAdAccountRequest(
@@ -529,48 +355,16 @@ def test_an_update_that_fails_at_commit_changes_nothing(route, server_on, fail_a
         assert "error id" in error.details()
     assert_clean(error)
     assert after == before, "a failed update changed the row"
-    assert renamed.name == "accepted" and renamed.currency_code == account.currency_code
-
-
-class RowLock:
-    """A direct connection holding one account's row lock in an open transaction."""
-
-    def __init__(self, route: Route, account_id: str) -> None:
-        self.connection = psycopg.connect(route.pg.dsn)
-        with self.connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            self.pid = cursor.fetchone()[0]
-            cursor.execute("SELECT 1 FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
-            assert cursor.rowcount == 1
-
-    def release(self) -> None:
-        if not self.connection.closed:
-            self.connection.rollback()
-            self.connection.close()
-
-
-def lock_waiters(route: Route, holder: int) -> list[int]:
-    """Backends on the test database waiting on a lock (other than the holder)."""
-    connection = superuser(route)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                " AND pid <> %s",
-                (holder,),
-            )
-            return [row[0] for row in cursor.fetchall()]
-    finally:
-        connection.close()
+    assert renamed.name == "accepted"
+    assert renamed.currency_code == account.currency_code
 
 
 def test_an_update_whose_backend_is_killed_while_waiting_on_a_row_lock_changes_nothing(route, server_on):
     with grpc.insecure_channel(server_on.target) as channel:
         stub = pb_grpc.AdAccountServiceStub(channel)
         account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=CALL_TIMEOUT_S)
-        before = stored(route, "id = %s", account.id)
-        lock = RowLock(route, account.id)
-        try:
+        before = stored(route.pg.dsn, "id = %s", account.id)
+        with row_lock(route.pg.dsn, account.id) as lock:
             blocked = stub.UpdateAdAccount.future(
                 pb.UpdateAdAccountRequest(
                     ad_account=pb.AdAccount(id=account.id, name="never written"),
@@ -578,16 +372,14 @@ def test_an_update_whose_backend_is_killed_while_waiting_on_a_row_lock_changes_n
                 ),
                 timeout=CALL_TIMEOUT_S,
             )
-            waiting = wait_until(lambda: lock_waiters(route, lock.pid), 5, message="the update to wait on the lock")
+            waiting = wait_until(lambda: lock.waiters(), 5, message="the update to wait on the lock")
             connection = superuser(route)
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(%s)", (waiting[0],))
             connection.close()
             code, details = code_of(blocked.result)
-        finally:
-            lock.release()
-        wait_until(lambda: server_on.app.service.in_flight == 0, 5, message="no call in progress")
-        after = stored(route, "id = %s", account.id)
+        wait_until(lambda: server_on.app.guard.in_flight == 0, 5, message="no call in progress")
+        after = stored(route.pg.dsn, "id = %s", account.id)
         current = stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=CALL_TIMEOUT_S)
 
     print(f"\n[killed-while-locked/{route.name}] {code.name}: {details!r}")

@@ -30,10 +30,10 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server import models
-from conftest import new_account
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.rpc import new_account
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
@@ -51,7 +51,7 @@ FUZZ_SETTINGS = settings(
 CALL_TIMEOUT_S = 10.0
 
 Code = grpc.StatusCode
-# What each method may answer to anything at all (README, "Errors").
+# What each method may answer to anything at all (docs/api.md, "Errors").
 EXPECTED: dict[str, set[Code]] = {
     "GetAdAccount": {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND},
     "BatchGetAdAccounts": {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND},
@@ -72,7 +72,7 @@ REQUESTS: dict[str, type[Message]] = {
 }
 OVERSIZED = "x" * (5 * 1024 * 1024)  # above any GRPC_MAX_REQUEST_BYTES
 
-# --- the validation rules, as the README states them --------------------------------------------
+# --- the validation rules, as docs/api.md states them -------------------------------------------
 
 TIME_ZONES = frozenset(zoneinfo.available_timezones())
 PLATFORMS = frozenset(p.value for p in models.Platform)

@@ -16,11 +16,14 @@ import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pg_instance import ThrowawayPostgres, wait_until
+from helpers.pg_instance import ThrowawayPostgres
+from helpers.polling import wait_until
+from helpers.rpc import code_of, new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -28,7 +31,7 @@ SERVICE = "adaccounts.v1.AdAccountService"
 DATABASE_BACKED = ("", "readiness", SERVICE)
 
 # How long a status change may take to show: the monitor pings every 0.2 s and
-# gives a ping 1 s (test_settings); generous on top for a loaded machine.
+# gives a ping 1 s (server_settings); generous on top for a loaded machine.
 CHANGE_WITHIN_S = 8.0
 # A probe answers from memory; anything near this means it waited on something.
 PROMPT_S = 0.5
@@ -71,7 +74,7 @@ def start_server(pg: ThrowawayPostgres) -> Iterator[Callable[..., tuple[RunningS
     started: list[tuple[RunningServer, Client]] = []
 
     def start(**overrides: object) -> tuple[RunningServer, Client]:
-        server = RunningServer(test_settings(pg.url, **overrides))
+        server = RunningServer(server_settings(pg.url, **overrides))
         client = Client(server.target)
         started.append((server, client))
         return server, client
@@ -81,14 +84,6 @@ def start_server(pg: ThrowawayPostgres) -> Iterator[Callable[..., tuple[RunningS
     for server, client in started:
         client.close()
         server.stop()
-
-
-def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
 
 
 def test_database_backed_services_serve_while_the_database_answers(start_server):
@@ -133,14 +128,14 @@ def test_database_outage_is_reported_and_recovered_from_without_a_restart(start_
         ),
         "DeleteAdAccount": lambda: stub.DeleteAdAccount(pb.DeleteAdAccountRequest(id=account.id), timeout=10),
     }
-    assert {name: rpc_code(call) for name, call in calls.items()} == dict.fromkeys(calls, grpc.StatusCode.UNAVAILABLE)
+    assert {name: code_of(call)[0] for name, call in calls.items()} == dict.fromkeys(calls, grpc.StatusCode.UNAVAILABLE)
     assert client.status("liveness") == SERVING
 
     pg.start()
     client.wait_for(SERVING)
     assert client.status("liveness") == SERVING
     assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10) == account
-    assert rpc_code(calls["GetAdAccount"]) == grpc.StatusCode.NOT_FOUND
+    assert code_of(calls["GetAdAccount"])[0] == grpc.StatusCode.NOT_FOUND
     client.create()
 
 
@@ -158,11 +153,11 @@ def test_probes_stay_prompt_while_calls_are_stuck_on_a_stalled_database(start_se
 
     def caller() -> None:
         request = pb.ListAdAccountsRequest(owner_id=str(uuid.uuid4()))
-        codes.put(rpc_code(lambda: client.accounts.ListAdAccounts(request, timeout=6)))
+        codes.put(code_of(lambda: client.accounts.ListAdAccounts(request, timeout=6))[0])
 
     def point_reader() -> None:
         request = pb.GetAdAccountRequest(id=str(uuid.uuid4()))
-        codes.put(rpc_code(lambda: client.accounts.GetAdAccount(request, timeout=6)))
+        codes.put(code_of(lambda: client.accounts.GetAdAccount(request, timeout=6))[0])
 
     pg.pause()
     stalled_at = time.monotonic()
@@ -170,7 +165,7 @@ def test_probes_stay_prompt_while_calls_are_stuck_on_a_stalled_database(start_se
     workers += [threading.Thread(target=point_reader, daemon=True) for _ in range(point_reads)]
     for worker in workers:
         worker.start()
-    wait_until(lambda: server.app.service.in_flight >= callers, 5, message=f"{callers} calls in progress")
+    wait_until(lambda: server.app.guard.in_flight >= callers, 5, message=f"{callers} calls in progress")
 
     # Probe for a while the database is stalled: every answer prompt, NOT_SERVING soon.
     slowest = 0.0
@@ -186,10 +181,11 @@ def test_probes_stay_prompt_while_calls_are_stuck_on_a_stalled_database(start_se
                 assert status == SERVING
             elif status == NOT_SERVING and not_serving_after is None and service == "":
                 not_serving_after = time.monotonic() - stalled_at
-                in_flight_then = server.app.service.in_flight
-        time.sleep(0.05)
+                in_flight_then = server.app.guard.in_flight
+        time.sleep(0.05)  # deliberately probing on for 4 s (not until a condition): every probe must be prompt
     assert slowest < PROMPT_S, f"a probe took {slowest:.3f} s"
-    assert not_serving_after is not None and not_serving_after < CHANGE_WITHIN_S
+    assert not_serving_after is not None
+    assert not_serving_after < CHANGE_WITHIN_S
     # The probes were answered while calls held every pooled connection, stuck.
     assert in_flight_then >= pool_size, in_flight_then
     assert client.statuses() == {"": NOT_SERVING, "readiness": NOT_SERVING, SERVICE: NOT_SERVING, "liveness": SERVING}
@@ -209,7 +205,7 @@ def test_probes_stay_prompt_while_calls_are_stuck_on_a_stalled_database(start_se
         grpc.StatusCode.OK,
     }
     assert set(outcomes) <= allowed, outcomes
-    wait_until(lambda: server.app.service.in_flight == 0, 10, message="no call in progress")
+    wait_until(lambda: server.app.guard.in_flight == 0, 10, message="no call in progress")
     assert client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10) == account
 
 
@@ -226,9 +222,9 @@ def test_a_server_started_while_the_database_is_down_waits_for_it(start_server, 
             SERVICE: NOT_SERVING,
             "liveness": SERVING,
         }
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberately: the statuses must hold across many failed pings, not just be reached
     assert (
-        rpc_code(lambda: client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=10))
+        code_of(lambda: client.accounts.GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=10))[0]
         == grpc.StatusCode.UNAVAILABLE
     )
 
@@ -263,14 +259,14 @@ def test_watch_streams_each_change_once(start_server, pg):
         failed_pings_until = time.monotonic() + 1.5
         while time.monotonic() < failed_pings_until:
             assert client.status() == NOT_SERVING
-            time.sleep(0.1)
+            time.sleep(0.1)  # deliberately: the outage lasts, and nothing more may be streamed meanwhile
 
         pg.start()
         assert seen.get(timeout=CHANGE_WITHIN_S) == SERVING
         recovered_pings_until = time.monotonic() + 1.5
         while time.monotonic() < recovered_pings_until:
             assert client.status() == SERVING
-            time.sleep(0.1)
+            time.sleep(0.1)  # deliberately: good pings go on, and nothing more may be streamed meanwhile
     finally:
         stream.cancel()
         reader.join(5)

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import grpc
 import psutil
 import pytest
-from conftest import PAGE_TOKEN_SECRET, without_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pg_instance import free_port, wait_until
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.settings import PAGE_TOKEN_SECRET, without_settings
 from sqlalchemy.engine import URL
 
 pytestmark = pytest.mark.faults
@@ -104,7 +105,7 @@ def test_a_flood_of_huge_watch_requests_is_refused_and_probes_keep_answering(ser
             watch.cancel()
         for channel in channels:
             channel.close()
-    time.sleep(1.0)
+    time.sleep(1.0)  # deliberately: the server lets go of the closed streams, which shows nowhere but in its memory
     after = served.rss_mb()
     print(f"\n[health flood] RSS {before:.0f} MB -> {peak:.0f} MB during, {after:.0f} MB after; {dict(codes)}")
     # Refused by the request size limit before it is read (RESOURCE_EXHAUSTED), or by the name check.

@@ -12,10 +12,11 @@ import uuid
 import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
-from conftest import PAGE_TOKEN_SECRET, new_account
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from helpers.rpc import new_account
+from helpers.settings import PAGE_TOKEN_SECRET
 
 
 def invalid_argument_fields(call, request) -> set[str]:  # type: ignore[no-untyped-def]

@@ -6,12 +6,14 @@ import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
-from test_errors import hold_row_lock
+from helpers.locks import row_lock
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 
 def test_a_connection_gets_at_most_max_concurrent_streams_calls_at_once(database_url, clean_db):
-    running = RunningServer(test_settings(database_url, GRPC_MAX_CONCURRENT_STREAMS=1))
+    running = RunningServer(server_settings(database_url, GRPC_MAX_CONCURRENT_STREAMS=1))
     try:
         own_connection = [("grpc.use_local_subchannel_pool", 1)]  # channels would otherwise share one connection
         with (
@@ -20,8 +22,7 @@ def test_a_connection_gets_at_most_max_concurrent_streams_calls_at_once(database
         ):
             stub = pb_grpc.AdAccountServiceStub(busy)
             account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
-            release, holder = hold_row_lock(database_url, account.id)
-            try:
+            with row_lock(database_url, account.id):
                 blocked = stub.UpdateAdAccount.future(
                     pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="waits")), timeout=20
                 )
@@ -32,9 +33,6 @@ def test_a_connection_gets_at_most_max_concurrent_streams_calls_at_once(database
                 # ... while another connection is served at once.
                 other_stub = pb_grpc.AdAccountServiceStub(other)
                 assert other_stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5).id == account.id
-            finally:
-                release.set()
-                holder.join()
             assert blocked.result().name == "waits"
             assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=5).name == "waits"
     finally:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import grpc
-import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
-from test_crud import create, field_violations, rpc_error
+from adaccounts_server import models
+from helpers.backends import BACKENDS
+from helpers.rpc import create, field_violations, new_account, rpc_error
+from helpers.server import RunningServer
+from helpers.settings import server_settings
+
+pytestmark = pytest.mark.backends(*BACKENDS)
 
 
 def walk(stub, **request_fields) -> list[pb.AdAccount]:
@@ -28,34 +33,30 @@ def walk(stub, **request_fields) -> list[pb.AdAccount]:
 
 
 @pytest.fixture
-def seeded(stub, database_url) -> list[pb.AdAccount]:
+def seeded(stub, backend) -> list[pb.AdAccount]:
     """130 accounts with shared and distinct names, two owners, several platforms and statuses,
-    inserted in one statement so that many share a create_time (ties broken by id)."""
-    owners = [str(uuid.uuid4()), str(uuid.uuid4())]
-    dsn = database_url.set(drivername="postgresql").render_as_string(False)
-    platforms = ["META", "GOOGLE", "TIKTOK", "X"]
-    statuses = ["ACTIVE", "PAUSED", "ARCHIVED"]
+    many sharing a create_time (ties broken by id), inserted directly."""
+    owners = [uuid.uuid4(), uuid.uuid4()]
+    platforms = [models.Platform.META, models.Platform.GOOGLE, models.Platform.TIKTOK, models.Platform.X]
+    statuses = [models.Status.ACTIVE, models.Status.PAUSED, models.Status.ARCHIVED]
     names = ["alpha", "Beta", "beta", "Ärger", "zeta", "Zulu", "émile", "alpha"]
-    # psycopg 3: leaving the block commits, then closes the connection.
-    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
-        for i in range(130):
-            cursor.execute(
-                "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
-                " status, create_time, update_time, version)"
-                " VALUES (%s, %s, %s, %s, %s, 'EUR', 'UTC', %s,"
-                " '2026-01-01'::timestamptz + (%s || ' seconds')::interval,"
-                " '2026-02-01'::timestamptz + (%s || ' seconds')::interval, 1)",
-                (
-                    str(uuid.uuid4()),
-                    owners[i % 2],
-                    platforms[i % 4],
-                    f"ext_{i}",
-                    names[i % len(names)],
-                    statuses[i % 3],
-                    str(i // 10),  # ten rows per create_time
-                    str((i * 7) % 13),
-                ),
-            )
+    created, updated = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
+    backend.insert(
+        {
+            "id": uuid.uuid4(),
+            "owner_id": owners[i % 2],
+            "platform": platforms[i % 4],
+            "external_id": f"ext_{i}",
+            "name": names[i % len(names)],
+            "currency_code": "EUR",
+            "time_zone": "UTC",
+            "status": statuses[i % 3],
+            "create_time": created + timedelta(seconds=i // 10),  # ten rows per create_time
+            "update_time": updated + timedelta(seconds=(i * 7) % 13),
+            "version": 1,
+        }
+        for i in range(130)
+    )
     return walk(stub, page_size=1000)
 
 
@@ -102,7 +103,8 @@ def test_filters_combine(stub, seeded):
         for a in seeded
         if a.owner_id == owner and a.platform in (pb.PLATFORM_META, pb.PLATFORM_TIKTOK) and a.status == pb.STATUS_ACTIVE
     ]
-    assert [a.id for a in accounts] == expected and expected
+    assert [a.id for a in accounts] == expected
+    assert expected
 
 
 def test_page_size_defaults_to_50_and_caps_at_1000(stub, seeded):
@@ -112,7 +114,8 @@ def test_page_size_defaults_to_50_and_caps_at_1000(stub, seeded):
 
 def test_last_page_has_no_token_and_empty_table_lists_nothing(stub):
     page = stub.ListAdAccounts(pb.ListAdAccountsRequest())
-    assert list(page.ad_accounts) == [] and page.next_page_token == ""
+    assert list(page.ad_accounts) == []
+    assert page.next_page_token == ""
 
 
 def test_negative_page_size_is_invalid_argument(stub):
@@ -178,16 +181,16 @@ def test_altered_page_token_is_invalid_argument(stub, seeded):
         assert "page_token" in field_violations(error)
 
 
-def test_page_token_is_accepted_by_another_server_with_the_same_secret(stub, seeded, database_url):
+def test_page_token_is_accepted_by_another_server_with_the_same_secret(stub, seeded, backend):
     token = first_token(stub)
-    other = RunningServer(test_settings(database_url))
+    other = RunningServer(server_settings(backend.url))
     try:
         with grpc.insecure_channel(other.target) as channel:
             page = pb_grpc.AdAccountServiceStub(channel).ListAdAccounts(pb.ListAdAccountsRequest(page_token=token))
             assert page.ad_accounts[0].id == seeded[10].id
     finally:
         other.stop()
-    rogue = RunningServer(test_settings(database_url, PAGE_TOKEN_SECRET="another-secret-entirely"))
+    rogue = RunningServer(server_settings(backend.url, PAGE_TOKEN_SECRET="another-secret-entirely"))
     try:
         with grpc.insecure_channel(rogue.target) as channel:
             error = rpc_error(
@@ -201,12 +204,12 @@ def test_page_token_is_accepted_by_another_server_with_the_same_secret(stub, see
 OLD_KEY, NEW_KEY = "page-key-being-retired-0123456789", "page-key-taking-over-0123456789"
 
 
-def test_rotating_the_page_token_key_keeps_walks_in_progress_going(seeded, database_url):
-    """README, "Rotating the page-token key": add the new key second everywhere, then make it
+def test_rotating_the_page_token_key_keeps_walks_in_progress_going(seeded, backend):
+    """docs/deploying.md, "Rotating the page-token key": add the new key second everywhere, then make it
     first, then drop the old one. A page token minted at any step is accepted by every server
     of that step and the next, so no walk breaks while the Secret rolls out."""
     step = {
-        name: RunningServer(test_settings(database_url, PAGE_TOKEN_SECRET=secret))
+        name: RunningServer(server_settings(backend.url, PAGE_TOKEN_SECRET=secret))
         for name, secret in {
             "before": OLD_KEY,
             "added": f"{OLD_KEY},{NEW_KEY}",

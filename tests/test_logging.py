@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -22,9 +21,14 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server import logs
-from conftest import ADMIN_URL, RunningServer, create_database, drop_database, new_account, test_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pki import CertificateAuthority
+from helpers.databases import create_database, drop_database
+from helpers.pki import CertificateAuthority
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import ADMIN_URL, server_settings
 
 RPC_LOGGER = "adaccounts_server.rpc"
 GET = "/adaccounts.v1.AdAccountService/GetAdAccount"
@@ -35,17 +39,19 @@ def json_lines(stream: io.StringIO) -> list[dict]:
 
 
 def rpc_lines(stream: io.StringIO, method: str | None = None, count: int = 0) -> list[dict]:
-    """The per-call lines; waits (briefly) for at least `count`: a call is logged just after its status is sent."""
-    deadline = time.monotonic() + 2
-    while True:
-        found = [
+    """The per-call lines, once there are at least `count`: a call may be logged just after its
+    caller has its answer."""
+
+    def found() -> list[dict]:
+        return [
             line
             for line in json_lines(stream)
             if line["logger"] == RPC_LOGGER and (method is None or line["method"] == method)
         ]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
+
+    if count:
+        wait_until(lambda: len(found()) >= count, 2, interval=0.01, message=f"{count} per-call log line(s)")
+    return found()
 
 
 def call(stub_method, request, metadata=()) -> tuple[grpc.StatusCode, dict[str, str], str]:
@@ -66,18 +72,21 @@ def test_one_json_line_per_call_with_every_field(stub, server, json_log):
     code, trailing, _ = call(stub.GetAdAccount, pb.GetAdAccountRequest(id=missing))
     assert code == grpc.StatusCode.NOT_FOUND
     generated = trailing["x-request-id"]
-    assert len(generated) == 32 and int(generated, 16) >= 0
+    assert len(generated) == 32
+    assert int(generated, 16) >= 0
 
     lines = rpc_lines(json_log, GET, count=2)
     assert len(lines) == 2, lines
     found, not_found = lines
-    assert found["code"] == "OK" and not_found["code"] == "NOT_FOUND"
+    assert found["code"] == "OK"
+    assert not_found["code"] == "NOT_FOUND"
     assert (found["request_id"], not_found["request_id"]) == ("req-42", generated)
     for line in lines:
         assert line["level"] == "INFO"
         assert line["caller"] == "-"
         assert line["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
-        assert isinstance(line["duration_ms"], float) and 0 < line["duration_ms"] < 5000
+        assert isinstance(line["duration_ms"], float)
+        assert 0 < line["duration_ms"] < 5000
         assert line["time"].endswith("Z")
     assert len(rpc_lines(json_log, "/adaccounts.v1.AdAccountService/CreateAdAccount", count=1)) == 1
 
@@ -85,7 +94,8 @@ def test_one_json_line_per_call_with_every_field(stub, server, json_log):
 @pytest.mark.parametrize("sent", ["has space", 'quote"s', "x" * 129, ""])
 def test_an_unusable_request_id_is_replaced(stub, json_log, sent):
     _, trailing, _ = call(stub.ListAdAccounts, pb.ListAdAccountsRequest(), [("x-request-id", sent)])
-    assert trailing["x-request-id"] != sent and len(trailing["x-request-id"]) == 32
+    assert trailing["x-request-id"] != sent
+    assert len(trailing["x-request-id"]) == 32
     assert sent not in json_log.getvalue() or not sent
 
 
@@ -106,7 +116,7 @@ def test_health_checks_are_not_logged_at_info(server, json_log):
 def test_internal_error_id_is_the_one_in_the_log(json_log):
     name = f"adaccounts_test_noschema_{uuid.uuid4().hex[:8]}"
     url = create_database(ADMIN_URL, name)
-    running = RunningServer(test_settings(url))
+    running = RunningServer(server_settings(url))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
@@ -122,7 +132,8 @@ def test_internal_error_id_is_the_one_in_the_log(json_log):
     assert (line["code"], line["level"]) == ("INTERNAL", "ERROR")
     assert (line["error_id"], line["request_id"]) == (error_id, "oops-1")
     (detail,) = [x for x in json_lines(json_log) if x["logger"] == "adaccounts_server.errors"]
-    assert detail["error_id"] == error_id and detail["request_id"] == "oops-1"
+    assert detail["error_id"] == error_id
+    assert detail["request_id"] == "oops-1"
     assert "Traceback" in detail["exception"]  # the detail is in the log, not in the caller's status
     assert trailing["x-request-id"] == "oops-1"
 
@@ -130,7 +141,7 @@ def test_internal_error_id_is_the_one_in_the_log(json_log):
 def test_caller_is_the_tokens_service_name(database_url, clean_db, json_log):
     token = "a-token-for-billing-0123456789"
     tokens = {hashlib.sha256(token.encode()).hexdigest(): {"name": "billing", "scope": "read"}}
-    running = RunningServer(test_settings(database_url, AUTH_TOKENS=json.dumps(tokens)))
+    running = RunningServer(server_settings(database_url, AUTH_TOKENS=json.dumps(tokens)))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
@@ -145,13 +156,14 @@ def test_caller_is_the_tokens_service_name(database_url, clean_db, json_log):
         ("-", "UNAUTHENTICATED"),
         ("billing", "PERMISSION_DENIED"),
     ]
-    assert token not in json_log.getvalue() and "wrong" not in json_log.getvalue()
+    assert token not in json_log.getvalue()
+    assert "wrong" not in json_log.getvalue()
 
 
 def test_caller_is_the_client_certificates_name_under_mtls(database_url, tmp_path, json_log):
     ca = CertificateAuthority(tmp_path, "logs")
     server_cert, client_cert = ca.issue("localhost", server=True), ca.issue("reporting", server=False)
-    settings = test_settings(
+    settings = server_settings(
         database_url,
         GRPC_TLS="mtls",
         GRPC_TLS_CERT_FILE=server_cert.cert,
@@ -168,12 +180,6 @@ def test_caller_is_the_client_certificates_name_under_mtls(database_url, tmp_pat
         running.stop()
     (line,) = rpc_lines(json_log, count=1)
     assert line["caller"] == "cn=reporting"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_writes_json_lines_when_stderr_is_not_a_terminal(tmp_path: Path):
@@ -243,5 +249,6 @@ def test_a_stalled_log_reader_costs_bounded_memory_and_never_blocks_a_caller():
         logger.removeHandler(handoff)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     warnings = [line for line in lines if "log lines were dropped" in line["message"]]
-    assert len(warnings) == 1 and warnings[0]["level"] == "WARNING", warnings
+    assert len(warnings) == 1, warnings
+    assert warnings[0]["level"] == "WARNING", warnings
     assert warnings[0]["message"].startswith(f"{dropped} log lines were dropped")

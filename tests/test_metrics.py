@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-import socket
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -18,16 +17,20 @@ import yaml
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.config import SettingsError
-from conftest import RunningServer, new_account, test_settings
+from helpers.locks import row_lock
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 from prometheus_client.parser import text_string_to_metric_families
-from test_errors import hold_row_lock
 
 SERVICE = "adaccounts.v1.AdAccountService"
 
 
 @pytest.fixture(scope="module")
 def metrics_server(database_url) -> Iterator[RunningServer]:
-    running = RunningServer(test_settings(database_url, METRICS_PORT=0, DB_POOL_SIZE=3))
+    running = RunningServer(server_settings(database_url, METRICS_PORT=0, DB_POOL_SIZE=3))
     yield running
     running.stop()
 
@@ -80,6 +83,17 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def scrape_until(running: RunningServer, condition, message: str):  # type: ignore[no-untyped-def]
+    """The first scrape whose samples satisfy `condition`: a call is counted just after its
+    status is sent, so a scrape made as the caller gets its answer may not count it yet."""
+
+    def scraped():  # type: ignore[no-untyped-def]
+        text, samples = scrape(running)
+        return (text, samples) if condition(samples) else None
+
+    return wait_until(scraped, 5, message=message)
+
+
 def unary(method: str, **extra: str) -> dict[str, str]:
     return {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": method, **extra}
 
@@ -94,8 +108,17 @@ def test_metrics_move_with_traffic(metrics_server, clean_db):
         for request in (pb.GetAdAccountRequest(id=str(uuid.uuid4())), pb.GetAdAccountRequest(id="not-a-uuid")):
             with pytest.raises(grpc.RpcError):
                 stub.GetAdAccount(request, timeout=5)
-    time.sleep(0.3)  # a call is counted just after its status is sent; and let a ping or two happen
-    text, after = scrape(metrics_server)
+    ping_count = value(before, "adaccounts_db_ping_seconds_count")
+
+    def counted(samples) -> bool:  # type: ignore[no-untyped-def]
+        return (
+            value(samples, "grpc_server_handling_seconds_count", **unary("GetAdAccount"))
+            - value(before, "grpc_server_handling_seconds_count", **unary("GetAdAccount"))
+            >= 7
+            and value(samples, "adaccounts_db_ping_seconds_count") > ping_count
+        )
+
+    text, after = scrape_until(metrics_server, counted, "the 7 calls counted and a ping or two observed")
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -126,8 +149,11 @@ def test_codes_are_written_as_go_grpc_prometheus_does_and_nothing_is_created(met
     with grpc.insecure_channel(metrics_server.target) as channel, pytest.raises(grpc.RpcError) as raised:
         pb_grpc.AdAccountServiceStub(channel).GetAdAccount(pb.GetAdAccountRequest(id=str(uuid.uuid4())), timeout=5)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    time.sleep(0.3)
-    text, samples = scrape(metrics_server)
+    text, samples = scrape_until(
+        metrics_server,
+        lambda samples: value(samples, "grpc_server_handled_total", **unary("GetAdAccount", grpc_code="NotFound")),
+        "the NOT_FOUND counted",
+    )
     assert value(samples, "grpc_server_handled_total", **unary("GetAdAccount", grpc_code="NotFound")) >= 1
     assert 'grpc_code="NotFound"' in text
     codes = {dict(labels).get("grpc_code") for (name, labels) in samples if name == "grpc_server_handled_total"}
@@ -153,23 +179,19 @@ def test_in_flight_and_checked_out_show_a_call_in_progress(metrics_server, clean
     with grpc.insecure_channel(metrics_server.target) as channel:
         stub = pb_grpc.AdAccountServiceStub(channel)
         account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
-        release, holder = hold_row_lock(database_url, account.id)
-        try:
+        with row_lock(database_url, account.id):
             blocked = stub.UpdateAdAccount.future(
                 pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=account.id, name="waits")), timeout=20
             )
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                _, samples = scrape(metrics_server)
-                busy = value(samples, "adaccounts_rpcs_in_flight", grpc_service=SERVICE, grpc_method="UpdateAdAccount")
-                if busy == 1 and value(samples, "adaccounts_db_pool_checked_out") >= 1:
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail("the blocked update never showed as in flight with a connection checked out")
-        finally:
-            release.set()
-            holder.join()
+            scrape_until(
+                metrics_server,
+                lambda samples: (
+                    value(samples, "adaccounts_rpcs_in_flight", grpc_service=SERVICE, grpc_method="UpdateAdAccount")
+                    == 1
+                    and value(samples, "adaccounts_db_pool_checked_out") >= 1
+                ),
+                "the blocked update in flight with a connection checked out",
+            )
         blocked.result()
 
 
@@ -177,15 +199,18 @@ def test_health_status_and_secrets_in_the_scrape(database_url):
     password_url = database_url.set(password="Metr1csS3cret")  # trust auth: any password is accepted
     token = "metrics-test-token-abcdef0123456789"
     tokens = {hashlib.sha256(token.encode()).hexdigest(): {"name": "billing", "scope": "read"}}
-    running = RunningServer(test_settings(password_url, METRICS_PORT=0, AUTH_TOKENS=json.dumps(tokens)))
+    running = RunningServer(server_settings(password_url, METRICS_PORT=0, AUTH_TOKENS=json.dumps(tokens)))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
             stub.ListAdAccounts(pb.ListAdAccountsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=5)
             with pytest.raises(grpc.RpcError):
                 stub.ListAdAccounts(pb.ListAdAccountsRequest(), metadata=[("authorization", "Bearer x")], timeout=5)
-        time.sleep(0.2)
-        text, samples = scrape(running)
+        text, samples = scrape_until(
+            running,
+            lambda samples: value(samples, "grpc_server_handling_seconds_count", **unary("ListAdAccounts")) == 2,
+            "both calls counted",
+        )
     finally:
         running.stop()
     assert value(samples, "grpc_server_handled_total", **unary("ListAdAccounts", grpc_code="Unauthenticated")) == 1
@@ -199,34 +224,46 @@ def test_metrics_are_off_unless_a_port_is_set(server):
 
 def test_a_bad_metrics_port_is_one_line(database_url):
     with pytest.raises(SettingsError) as raised:
-        test_settings(database_url, METRICS_PORT=70000)
+        server_settings(database_url, METRICS_PORT=70000)
     assert str(raised.value).startswith("METRICS_PORT:")
 
 
-def test_health_gauge_is_zero_while_the_database_is_unreachable():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens there once closed
-    running = RunningServer(test_settings(f"postgresql://postgres@127.0.0.1:{port}/x", METRICS_PORT=0))
+def test_health_gauge_is_zero_while_the_database_is_unreachable(caplog):
+    caplog.set_level(logging.INFO, logger="adaccounts_server.health")
+    nothing_listens = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    running = RunningServer(server_settings(nothing_listens, METRICS_PORT=0))
     try:
-        time.sleep(0.5)
+        # The gauge reads 0 before the health monitor's first ping too: it says something only
+        # once a ping has failed (the monitor logs it).
+        wait_until(
+            lambda: [
+                r for r in caplog.records if r.getMessage().startswith("health: NOT_SERVING (database unreachable")
+            ],
+            10,
+            message="the health monitor to find the database unreachable",
+        )
         _, samples = scrape(running)
     finally:
         running.stop()
+    assert ("adaccounts_health_serving", ()) in samples
     assert value(samples, "adaccounts_health_serving") == 0
+    assert ("adaccounts_db_ping_seconds_count", ()) in samples
     assert value(samples, "adaccounts_db_ping_seconds_count") == 0  # no ping answered
 
 
 def test_the_readme_alert_rules_and_metrics_table_name_real_metrics(metrics_server):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    operating = readme[readme.index("## Operating") : readme.index("## Deploying")]
-    rules = yaml.safe_load(re.search(r"```yaml\n(.*?)```", operating, re.S).group(1))
+    root = Path(__file__).parent.parent
+    operating = (root / "docs" / "operations.md").read_text()  # its metrics table
+    rules = yaml.safe_load((root / "deploy" / "prometheus" / "alerts.yaml").read_text())
     alerts = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
     assert set(alerts) == {"AdAccountsErrorRatio", "AdAccountsLatencyP99", "AdAccountsNotServing"}
     with grpc.insecure_channel(metrics_server.target) as channel:  # so that every per-call metric has a sample
         pb_grpc.AdAccountServiceStub(channel).ListAdAccounts(pb.ListAdAccountsRequest(), timeout=5)
-    time.sleep(0.2)
-    text, _ = scrape(metrics_server)
+    text, _ = scrape_until(
+        metrics_server,
+        lambda samples: value(samples, "grpc_server_handling_seconds_count", **unary("ListAdAccounts")),
+        "the call counted",
+    )
     exposed = {family.name for family in text_string_to_metric_families(text)}
     exposed |= {f"{name}_total" for name in exposed} | {f"{name}_bucket" for name in exposed}
     for name, expr in alerts.items():
@@ -236,7 +273,9 @@ def test_the_readme_alert_rules_and_metrics_table_name_real_metrics(metrics_serv
             for code in codes.split("|"):
                 assert code in GO_CODE_NAMES, f"{name} matches grpc_code {code!r}, which is not Go's spelling"
     assert re.search(r'grpc_code=~"[^"]*\bInternal\b', alerts["AdAccountsErrorRatio"]), "Internal is an error"
-    table = re.findall(r"^\| `((?:grpc_server|adaccounts)_[a-z_]+)`", operating, re.M)
+    rows = re.findall(r"^\| `((?:grpc_server|adaccounts)_[a-z_]+)`(.*)$", operating, re.M)
+    # The replicas' metrics exist only with DATABASE_REPLICA_URLS (test_docs checks them against metrics.py).
+    table = [metric for metric, rest in rows if "DATABASE_REPLICA_URLS" not in rest]
     assert len(table) >= 7
     for metric in table:
-        assert metric in exposed, f"the README lists {metric}, which the server does not expose"
+        assert metric in exposed, f"docs/operations.md lists {metric}, which the server does not expose"

@@ -10,14 +10,16 @@ import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
-from pg_instance import wait_until
+from helpers.polling import wait_until
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 pytestmark = pytest.mark.faults
 
 
 def test_an_outage_logs_a_bounded_number_of_lines_and_no_host(pg, caplog):
-    running = RunningServer(test_settings(pg.url, DB_POOL_SIZE=4, DB_POOL_TIMEOUT=0.2, DB_CONNECT_TIMEOUT=1))
+    running = RunningServer(server_settings(pg.url, DB_POOL_SIZE=4, DB_POOL_TIMEOUT=0.2, DB_CONNECT_TIMEOUT=1))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)

@@ -9,11 +9,12 @@ import grpc
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, test_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_crud import create, rpc_error
-from test_deadlines import blocked_backends, update_request, wait_until
-from test_errors import hold_row_lock
+from helpers.locks import lock_waiters, row_lock
+from helpers.polling import wait_until
+from helpers.rpc import create, rpc_error, update_request
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 pytestmark = pytest.mark.faults
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.faults
 @pytest.fixture
 def small_server(clean_db, database_url):
     running = RunningServer(
-        test_settings(database_url, DB_POOL_SIZE=2, MAX_CONCURRENT_RPCS=2, GRPC_MAX_REQUEST_BYTES=64 * 1024)
+        server_settings(database_url, DB_POOL_SIZE=2, MAX_CONCURRENT_RPCS=2, GRPC_MAX_REQUEST_BYTES=64 * 1024)
     )
     with grpc.insecure_channel(running.target) as channel:
         yield running, channel
@@ -33,10 +34,9 @@ def test_calls_past_the_limit_are_refused_at_once_and_probes_still_answer(small_
     stub = pb_grpc.AdAccountServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     account = create(stub)
-    release, holder = hold_row_lock(database_url, account.id)
-    try:
+    with row_lock(database_url, account.id):
         stuck = [stub.UpdateAdAccount.future(update_request(account.id, f"n{i}"), timeout=30) for i in range(2)]
-        wait_until(lambda: running.app.service.in_flight == 2)
+        wait_until(lambda: running.app.guard.in_flight == 2, message="2 calls in progress")
 
         started = time.monotonic()
         error = rpc_error(stub.GetAdAccount, pb.GetAdAccountRequest(id=account.id), timeout=10)
@@ -46,12 +46,9 @@ def test_calls_past_the_limit_are_refused_at_once_and_probes_still_answer(small_
 
         response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        release.set()
-        holder.join()
     assert all(f.result().name.startswith("n") for f in stuck), "the calls in progress complete"
     assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id)).id == account.id
-    wait_until(lambda: not blocked_backends(database_url))
+    wait_until(lambda: not lock_waiters(database_url), message="no statement waiting on a lock")
 
 
 def test_message_above_the_size_limit_is_resource_exhausted(small_server):

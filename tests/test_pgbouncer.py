@@ -1,5 +1,5 @@
 """The service behind PgBouncer in transaction-pooling mode (Debian's pgbouncer, started on a
-free port in front of a throwaway PostgreSQL; see tests/pgbouncer.py).
+free port in front of a throwaway PostgreSQL; see tests/helpers/pgbouncer.py).
 
 Here: CRUD, a List walk in every order, deadlines and cancellation reaching PostgreSQL
 through PgBouncer, and statement_timeout never leaking to the next client of a server
@@ -21,11 +21,16 @@ import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import Route, RunningServer, new_account, test_settings
 from google.protobuf import field_mask_pb2
-from pg_instance import ThrowawayPostgres, wait_until
-from pgbouncer import PgBouncer
-from test_faults import CALL_TIMEOUT_S, RowLock, code_of, lock_waiters, stored
+from helpers.databases import Route, stored
+from helpers.load import CALL_TIMEOUT_S
+from helpers.locks import row_lock
+from helpers.pg_instance import ThrowawayPostgres
+from helpers.pgbouncer import PgBouncer
+from helpers.polling import wait_until
+from helpers.rpc import code_of, new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 pytestmark = pytest.mark.faults
 
@@ -42,7 +47,7 @@ def via_bouncer(pg: ThrowawayPostgres, pgbouncer: PgBouncer) -> Route:
 
 @pytest.fixture
 def running(via_bouncer: Route) -> Iterator[RunningServer]:
-    server = RunningServer(test_settings(via_bouncer.url))
+    server = RunningServer(server_settings(via_bouncer.url))
     try:
         yield server
     finally:
@@ -53,10 +58,6 @@ def running(via_bouncer: Route) -> Iterator[RunningServer]:
 def stub(running: RunningServer) -> Iterator[pb_grpc.AdAccountServiceStub]:
     with grpc.insecure_channel(running.target) as channel:
         yield pb_grpc.AdAccountServiceStub(channel)
-
-
-def rpc_code(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-    return code_of(lambda: call(*args, **kwargs))[0]
 
 
 def test_pgbouncer_runs_in_transaction_pooling_mode(pgbouncer):
@@ -83,7 +84,7 @@ def test_crud_through_pgbouncer(stub):
     retry = pb.CreateAdAccountRequest(ad_account=new_account(owner_id=owner), request_id=str(uuid.uuid4()))
     assert stub.CreateAdAccount(retry, timeout=5) == stub.CreateAdAccount(retry, timeout=5)
     taken = pb.CreateAdAccountRequest(ad_account=new_account(external_id=created.external_id))
-    assert rpc_code(stub.CreateAdAccount, taken, timeout=5) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(stub.CreateAdAccount, taken, timeout=5)[0] == grpc.StatusCode.ALREADY_EXISTS
 
     renamed = stub.UpdateAdAccount(
         pb.UpdateAdAccountRequest(
@@ -92,16 +93,17 @@ def test_crud_through_pgbouncer(stub):
         ),
         timeout=5,
     )
-    assert renamed.name == "Renamed" and renamed.etag != created.etag
+    assert renamed.name == "Renamed"
+    assert renamed.etag != created.etag
     stale = pb.UpdateAdAccountRequest(ad_account=pb.AdAccount(id=created.id, name="Stale", etag=created.etag))
-    assert rpc_code(stub.UpdateAdAccount, stale, timeout=5) == grpc.StatusCode.ABORTED
+    assert code_of(stub.UpdateAdAccount, stale, timeout=5)[0] == grpc.StatusCode.ABORTED
     stale_delete = pb.DeleteAdAccountRequest(id=created.id, etag=created.etag)
-    assert rpc_code(stub.DeleteAdAccount, stale_delete, timeout=5) == grpc.StatusCode.ABORTED
+    assert code_of(stub.DeleteAdAccount, stale_delete, timeout=5)[0] == grpc.StatusCode.ABORTED
 
     stub.DeleteAdAccount(pb.DeleteAdAccountRequest(id=created.id, etag=renamed.etag), timeout=5)
-    assert rpc_code(stub.GetAdAccount, pb.GetAdAccountRequest(id=created.id), timeout=5) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.GetAdAccount, pb.GetAdAccountRequest(id=created.id), timeout=5)[0] == grpc.StatusCode.NOT_FOUND
     bad = pb.GetAdAccountRequest(id="not-a-uuid")
-    assert rpc_code(stub.GetAdAccount, bad, timeout=5) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.GetAdAccount, bad, timeout=5)[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def walk(stub, **fields) -> list[pb.AdAccount]:  # type: ignore[no-untyped-def]
@@ -181,9 +183,8 @@ def blocked_update(stub, account: pb.AdAccount, timeout: float):  # type: ignore
 
 def test_a_deadline_stops_the_statement_through_pgbouncer(stub, running, via_bouncer):
     account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=CALL_TIMEOUT_S)
-    before = stored(via_bouncer, "id = %s", account.id)
-    lock = RowLock(via_bouncer, account.id)
-    try:
+    before = stored(via_bouncer.pg.dsn, "id = %s", account.id)
+    with row_lock(via_bouncer.pg.dsn, account.id) as lock:
         code, _ = code_of(blocked_update(stub, account, timeout=0.3).result)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_until(
@@ -191,30 +192,25 @@ def test_a_deadline_stops_the_statement_through_pgbouncer(stub, running, via_bou
             STOPPED_WITHIN_S,
             message="the backend to stop the statement of a call past its deadline",
         )
-        assert lock_waiters(via_bouncer, lock.pid) == []
-    finally:
-        lock.release()
+        assert lock.waiters() == []
     wait_until(lambda: running.app.database.checked_out() == 0, 5, message="every connection back in the pool")
-    assert stored(via_bouncer, "id = %s", account.id) == before, "the update went through after its deadline"
+    assert stored(via_bouncer.pg.dsn, "id = %s", account.id) == before, "the update went through after its deadline"
 
 
 def test_a_cancelled_call_stops_its_statement_through_pgbouncer(stub, running, via_bouncer):
     account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=CALL_TIMEOUT_S)
-    before = stored(via_bouncer, "id = %s", account.id)
-    lock = RowLock(via_bouncer, account.id)
-    try:
+    before = stored(via_bouncer.pg.dsn, "id = %s", account.id)
+    with row_lock(via_bouncer.pg.dsn, account.id) as lock:
         call = blocked_update(stub, account, timeout=CALL_TIMEOUT_S)
-        wait_until(lambda: lock_waiters(via_bouncer, lock.pid), 5, message="the update to wait on the lock")
+        wait_until(lambda: lock.waiters(), 5, message="the update to wait on the lock")
         call.cancel()
         wait_until(
             lambda: not backend_still_busy(via_bouncer, lock.pid),
             STOPPED_WITHIN_S,
             message="the backend to stop the statement of a cancelled call",
         )
-    finally:
-        lock.release()
     wait_until(lambda: running.app.database.checked_out() == 0, 5, message="every connection back in the pool")
-    assert stored(via_bouncer, "id = %s", account.id) == before, "the cancelled update went through"
+    assert stored(via_bouncer.pg.dsn, "id = %s", account.id) == before, "the cancelled update went through"
 
 
 def test_statement_timeout_stays_with_its_transaction_behind_pgbouncer(stub, via_bouncer, pgbouncer):

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -19,108 +18,56 @@ import pytest
 import sqlalchemy as sa
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from pg_instance import wait_until
-from sqlalchemy.engine import URL, make_url
+from helpers.backends import BACKENDS, Backend
+from helpers.polling import wait_until
+from helpers.rpc import field_violations, new_account, rpc_error
+from helpers.server import RunningServer
+from helpers.settings import server_settings
+from sqlalchemy.engine import URL
 
 REQUESTS = "ad_account_requests"
 
 
-@dataclass
-class Backend:
-    name: str
-    stub: pb_grpc.AdAccountServiceStub
-    url: URL  # the server's database
+pytestmark = pytest.mark.backends(*BACKENDS)
 
-    def execute(self, sql: str, **parameters: object) -> list[sa.Row]:
-        """One statement on the server's database, committed; its rows."""
-        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+
+def request_rows(backend: Backend, request_id: str) -> list[sa.Row]:
+    return backend.execute(
+        f"SELECT account_id, request_hash FROM {REQUESTS} WHERE request_id = :request_id",
+        request_id=backend.uuid_value(request_id),
+    )
+
+
+def age_request(backend: Backend, request_id: str, by: timedelta) -> None:
+    """Make a request look `by` older than it is (as if made that long ago)."""
+    table = sa.table(REQUESTS, sa.column("request_id", sa.Uuid), sa.column("create_time", sa.DateTime(True)))
+    engine = sa.create_engine(backend.url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            updated = connection.execute(
+                sa.update(table)
+                .where(table.c.request_id == uuid.UUID(request_id))
+                .values(create_time=datetime.now(UTC) - by)
+            )
+            assert updated.rowcount == 1
+    finally:
+        engine.dispose()
+
+
+def forget(backend: Backend, older_than: datetime) -> int:
+    """The repository's forget_requests, on a database object of the test's own."""
+    from adaccounts_server.db import open_database
+    from adaccounts_server.repository import AdAccountRepository
+
+    async def run() -> int:
+        database = open_database(server_settings(backend.url, DB_POOL_SIZE=1))
+        await database.open()
         try:
-            with engine.begin() as connection:
-                result = connection.execute(sa.text(sql), parameters)
-                return list(result) if result.returns_rows else []
+            return await AdAccountRepository(database).forget_requests(older_than)
         finally:
-            engine.dispose()
+            await database.close()
 
-    def request_rows(self, request_id: str) -> list[sa.Row]:
-        return self.execute(
-            f"SELECT account_id, request_hash FROM {REQUESTS} WHERE request_id = :request_id",
-            request_id=self.uuid_value(request_id),
-        )
-
-    def uuid_value(self, value: str) -> object:
-        # sa.Uuid stores 32 hex digits on SQLite; text() binds what it is given.
-        return uuid.UUID(value).hex if self.name == "sqlite" else uuid.UUID(value)
-
-    def age_request(self, request_id: str, by: timedelta) -> None:
-        """Make a request look `by` older than it is (as if made that long ago)."""
-        table = sa.table(REQUESTS, sa.column("request_id", sa.Uuid), sa.column("create_time", sa.DateTime(True)))
-        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
-        try:
-            with engine.begin() as connection:
-                updated = connection.execute(
-                    sa.update(table)
-                    .where(table.c.request_id == uuid.UUID(request_id))
-                    .values(create_time=datetime.now(UTC) - by)
-                )
-                assert updated.rowcount == 1
-        finally:
-            engine.dispose()
-
-    def forget(self, older_than: datetime) -> int:
-        """The repository's forget_requests, on a database object of the test's own."""
-        from adaccounts_server.db import open_database
-        from adaccounts_server.repository import AdAccountRepository
-
-        async def run() -> int:
-            database = open_database(test_settings(self.url, DB_POOL_SIZE=1))
-            await database.open()
-            try:
-                return await AdAccountRepository(database).forget_requests(older_than)
-            finally:
-                await database.close()
-
-        return asyncio.run(run())
-
-
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[URL, RunningServer]]:
-    """A server on the zero-setup backend (a SQLite file it migrates on start)."""
-    url = make_url(f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'adaccounts.db'}")
-    running = RunningServer(test_settings(url))
-    yield url, running
-    running.stop()
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    if request.param == "postgresql":
-        yield Backend("postgresql", request.getfixturevalue("stub"), request.getfixturevalue("database_url"))
-        return
-    url, running = request.getfixturevalue("sqlite_server")
-    with grpc.insecure_channel(running.target) as channel:
-        chosen = Backend("sqlite", pb_grpc.AdAccountServiceStub(channel), url)
-        chosen.execute("DELETE FROM ad_accounts")
-        yield chosen
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as caught:
-        call(*args, **kwargs)
-    return caught.value
-
-
-def field_violations(error: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    violations: dict[str, str] = {}
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad_request)
-        violations.update({v.field: v.description for v in bad_request.field_violations})
-    return violations
+    return asyncio.run(run())
 
 
 def create(stub: pb_grpc.AdAccountServiceStub, request_id: str, account: pb.AdAccount) -> pb.AdAccount:
@@ -172,7 +119,8 @@ def test_16_concurrent_different_bodies_with_one_request_id_one_succeeds_the_oth
     assert len(created) == 1, outcomes
     assert refused == [grpc.StatusCode.INVALID_ARGUMENT] * 15, outcomes
     winner = bodies[outcomes.index(created[0])]
-    assert created[0].name == winner.name and created[0].external_id == winner.external_id
+    assert created[0].name == winner.name
+    assert created[0].external_id == winner.external_id
     assert [a.id for a in all_accounts(backend.stub)] == [created[0].id]
 
 
@@ -201,7 +149,8 @@ def test_a_retry_after_the_account_was_deleted_is_not_found_and_creates_nothing(
 
     error = rpc_error(create, backend.stub, request_id, account)
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert first.id in error.details() and "deleted" in error.details()
+    assert first.id in error.details()
+    assert "deleted" in error.details()
     assert all_accounts(backend.stub) == []
     # A different body is still a different request.
     other = rpc_error(create, backend.stub, request_id, new_account())
@@ -220,15 +169,17 @@ def test_a_retry_after_an_update_returns_the_account_as_it_is_now(backend: Backe
 
     retried = create(backend.stub, request_id, account)
     assert retried == updated
-    assert retried.name == "Renamed" and retried.id == first.id
+    assert retried.name == "Renamed"
+    assert retried.id == first.id
 
 
 def test_the_request_is_recorded_with_its_hash(backend: Backend) -> None:
     request_id = str(uuid.uuid4())
     created = create(backend.stub, request_id, new_account())
-    ((account_id, request_hash),) = backend.request_rows(request_id)
+    ((account_id, request_hash),) = request_rows(backend, request_id)
     assert str(account_id if isinstance(account_id, uuid.UUID) else uuid.UUID(account_id)) == created.id
-    assert isinstance(request_hash, bytes) and len(request_hash) == 32  # SHA-256
+    assert isinstance(request_hash, bytes)
+    assert len(request_hash) == 32
     # Old pods still look up ad_accounts.request_id during a rolling deploy: it is still written.
     (row,) = backend.execute(
         "SELECT id FROM ad_accounts WHERE request_id = :request_id", request_id=backend.uuid_value(request_id)
@@ -262,20 +213,22 @@ def test_request_ids_older_than_the_retention_are_forgotten_and_the_id_then_crea
     kept_account = new_account()
     kept = create(backend.stub, kept_id, kept_account)
     live = create(backend.stub, live_id, new_account())
-    backend.age_request(deleted_id, retention + timedelta(hours=1))
-    backend.age_request(live_id, retention + timedelta(hours=1))
-    backend.age_request(kept_id, retention - timedelta(hours=1))
+    age_request(backend, deleted_id, retention + timedelta(hours=1))
+    age_request(backend, live_id, retention + timedelta(hours=1))
+    age_request(backend, kept_id, retention - timedelta(hours=1))
     assert rpc_error(create, backend.stub, deleted_id, deleted_account).code() == grpc.StatusCode.NOT_FOUND
 
-    assert backend.forget(datetime.now(UTC) - retention) >= 2
-    assert backend.request_rows(deleted_id) == [] and backend.request_rows(live_id) == []
-    assert len(backend.request_rows(kept_id)) == 1
+    assert forget(backend, datetime.now(UTC) - retention) >= 2
+    assert request_rows(backend, deleted_id) == []
+    assert request_rows(backend, live_id) == []
+    assert len(request_rows(backend, kept_id)) == 1
 
     # Forgotten: the same request_id creates a new account, whether or not the first one still exists.
     anew = create(backend.stub, deleted_id, deleted_account)
     assert anew.id != first.id
     other = create(backend.stub, live_id, new_account(name="A new request"))
-    assert other.id != live.id and other.name == "A new request"
+    assert other.id != live.id
+    assert other.name == "A new request"
     # Within the retention: still remembered.
     assert create(backend.stub, kept_id, kept_account) == kept
     assert rpc_error(create, backend.stub, kept_id, new_account()).code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -288,16 +241,16 @@ def test_the_server_forgets_old_request_ids_by_itself(
     from adaccounts_server import app
 
     monkeypatch.setattr(app, "_FORGET_REQUESTS_INTERVAL_S", 0.1)
-    server = RunningServer(test_settings(database_url, REQUEST_ID_RETENTION_S=3600))
+    server = RunningServer(server_settings(database_url, REQUEST_ID_RETENTION_S=3600))
     try:
         with grpc.insecure_channel(server.target) as channel:
-            backend = Backend("postgresql", pb_grpc.AdAccountServiceStub(channel), database_url)
+            backend = Backend("postgresql", database_url, server, channel)
             old_id, recent_id = str(uuid.uuid4()), str(uuid.uuid4())
             old = create(backend.stub, old_id, new_account())
             create(backend.stub, recent_id, new_account())
-            backend.age_request(old_id, timedelta(hours=2))
-            wait_until(lambda: backend.request_rows(old_id) == [], 5, message="the old request id to be forgotten")
-            assert len(backend.request_rows(recent_id)) == 1
+            age_request(backend, old_id, timedelta(hours=2))
+            wait_until(lambda: request_rows(backend, old_id) == [], 5, message="the old request id to be forgotten")
+            assert len(request_rows(backend, recent_id)) == 1
             assert create(backend.stub, old_id, new_account()).id != old.id
     finally:
         server.stop()
@@ -309,28 +262,34 @@ def test_a_failure_to_forget_is_one_warning_naming_the_error_type_only(
     from adaccounts_server import app
     from adaccounts_server.repository import AdAccountRepository
 
-    calls: list[datetime] = []
+    attempts: list[tuple[AdAccountRepository, datetime]] = []
 
     async def failing(self: AdAccountRepository, older_than: datetime) -> int:
-        calls.append(older_than)
+        attempts.append((self, older_than))
         raise RuntimeError("DELETE FROM ad_account_requests WHERE secret_detail")
 
     monkeypatch.setattr(app, "_FORGET_REQUESTS_INTERVAL_S", 0.1)
     monkeypatch.setattr(AdAccountRepository, "forget_requests", failing)
     caplog.set_level(logging.INFO, logger="adaccounts_server")
-    server = RunningServer(test_settings(database_url))
+    server = RunningServer(server_settings(database_url))
+
+    def calls() -> list[datetime]:
+        """This server's attempts (the session's servers forget too, and may wake meanwhile)."""
+        return [older_than for repository, older_than in attempts if repository is server.app.repository]
+
     try:
-        wait_until(lambda: len(calls) >= 2, 5, message="two attempts to forget")
+        wait_until(lambda: len(calls()) >= 2, 5, message="two attempts to forget")
     finally:
         server.stop()
-    after_stop = len(calls)
+    after_stop = len(calls())
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "request ids" in r.getMessage()]
     assert warnings, [r.getMessage() for r in caplog.records]
     for record in warnings:
         assert "RuntimeError" in record.getMessage()
-        assert "secret_detail" not in record.getMessage() and record.exc_info is None
+        assert "secret_detail" not in record.getMessage()
+        assert record.exc_info is None
     assert not any("secret_detail" in r.getMessage() for r in caplog.records)
     # Retention is 7 days by default.
-    assert datetime.now(UTC) - calls[0] == pytest.approx(timedelta(days=7), abs=timedelta(minutes=1))
-    asyncio.run(asyncio.sleep(0.3))
-    assert len(calls) == after_stop, "the task must stop with the server"
+    assert datetime.now(UTC) - calls()[0] == pytest.approx(timedelta(days=7), abs=timedelta(minutes=1))
+    time.sleep(0.3)  # deliberately: long enough for another attempt, had the task outlived the server
+    assert len(calls()) == after_stop, "the task must stop with the server"

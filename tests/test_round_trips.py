@@ -12,8 +12,11 @@ import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
-from pg_instance import ThrowawayPostgres
+from helpers.pg_instance import ThrowawayPostgres
+from helpers.polling import wait_until
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 
 @pytest.fixture
@@ -24,7 +27,7 @@ def logged_server(throwaway_pg: ThrowawayPostgres):
         cursor.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
     marker = psycopg.connect(throwaway_pg.dsn, autocommit=True)  # opened after the ALTER: its markers are logged
     running = RunningServer(
-        test_settings(
+        server_settings(
             throwaway_pg.url,
             DB_POOL_SIZE=1,
             HEALTH_CHECK_INTERVAL_S=3600,  # one ping at start, then quiet
@@ -50,10 +53,8 @@ def statements_during(pg: ThrowawayPostgres, marker, call) -> list[str]:  # type
         cursor.execute(f"SELECT '{start}'")
         call()
         cursor.execute(f"SELECT '{end}'")
-    deadline = time.monotonic() + 5
-    while end not in (log := pg.log.read_text(errors="replace")):
-        assert time.monotonic() < deadline, "the end marker never reached the log"
-        time.sleep(0.05)
+    wait_until(lambda: end in pg.log.read_text(errors="replace"), message="the end marker to reach the log")
+    log = pg.log.read_text(errors="replace")
     window = log[log.index(start) : log.index(end)]
     pattern = re.compile(r"\[(\d+)\] LOG:  statement: (.*)")
     return [m.group(2) for m in pattern.finditer(window) if int(m.group(1)) != own_pid]
@@ -70,7 +71,7 @@ def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, thro
 
         get()  # the connection was just used: no ping is due
         busy = statements_during(throwaway_pg, marker, get)
-        time.sleep(0.7)  # idle past DB_POOL_PRE_PING_IDLE_S: now it is checked first
+        time.sleep(0.7)  # deliberately idle past DB_POOL_PRE_PING_IDLE_S: now it is checked first
         idle = statements_during(throwaway_pg, marker, get)
 
     print(f"\n[round trips] busy connection: {busy}\n[round trips] idle connection: {idle}")
@@ -78,7 +79,8 @@ def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, thro
     assert len(busy) == 1, busy
     assert re.match(r"SET LOCAL statement_timeout = \d+; SELECT ad_accounts\.id", busy[0]), busy
     # Idle past the threshold: the ping first, then the same single message.
-    assert [s.strip().upper() for s in idle[:1]] == ["SELECT 1"] and len(idle) == 2, idle
+    assert [s.strip().upper() for s in idle[:1]] == ["SELECT 1"], idle
+    assert len(idle) == 2, idle
 
 
 def test_an_idle_connection_that_is_alive_is_reused(logged_server, throwaway_pg):
@@ -98,12 +100,15 @@ def test_an_idle_connection_that_is_alive_is_reused(logged_server, throwaway_pg)
         account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
         before = backends()
         for _ in range(3):
-            time.sleep(0.7)  # idle past DB_POOL_PRE_PING_IDLE_S (0.5 s here): pinged, then lent
+            time.sleep(0.7)  # deliberately idle past DB_POOL_PRE_PING_IDLE_S (0.5 s here): pinged, then lent
             for _ in range(8):
                 stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
         after = backends()
     assert len(before) == 1, before
     assert after == before, "the pooled connection was replaced instead of reused"
+
+
+COMMIT = "COMMIT; SELECT PG_CURRENT_WAL_INSERT_LSN()"
 
 
 def test_writes_take_one_message_per_statement_and_commit_alone(logged_server, throwaway_pg):
@@ -127,14 +132,15 @@ def test_writes_take_one_message_per_statement_and_commit_alone(logged_server, t
 
     print(f"\n[round trips] create: {creating}\n[round trips] update: {updating}")
     # BEGIN, the transaction's id and the deadline travel with the first statement; COMMIT goes
-    # alone once the block is done (never sent for a call that was cancelled before it).
+    # once the block is done (never sent for a call that was cancelled before it), with nothing
+    # but the question of the WAL position it reached (the caller's consistency token).
     assert len(creating) == 2, creating
     assert re.match(r"BEGIN; SELECT txid_current\(\); SET LOCAL statement_timeout = \d+; INSERT", creating[0])
-    assert creating[1].strip().upper() == "COMMIT"
+    assert creating[1].strip().upper() == COMMIT
     assert len(updating) == 3, updating
     # (the log shows a statement's first line: the row lock's FOR UPDATE is further down)
     assert re.match(
         r"BEGIN; SELECT txid_current\(\); SET LOCAL statement_timeout = \d+; SELECT ad_accounts", updating[0]
     )
     assert re.match(r"SET LOCAL statement_timeout = \d+; UPDATE ad_accounts", updating[1])
-    assert updating[2].strip().upper() == "COMMIT"
+    assert updating[2].strip().upper() == COMMIT

@@ -15,7 +15,10 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server import logs
-from conftest import ADMIN_URL, RunningServer, create_database, drop_database, new_account, test_settings
+from helpers.databases import create_database, drop_database
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import ADMIN_URL, server_settings
 
 PASSWORD = "Pw-n3ver-shown-7d1f"  # trust auth: any password is accepted
 PAGE_KEY = "page-key-never-shown-0123456789"
@@ -32,7 +35,7 @@ def test_no_secret_anywhere(database_url, clean_db, schema):
     if not schema:
         name = f"adaccounts_test_noschema_{uuid.uuid4().hex[:8]}"
         url = create_database(ADMIN_URL, name)
-    settings = test_settings(
+    settings = server_settings(
         url.set(password=PASSWORD),
         PAGE_TOKEN_SECRET=f"{PAGE_KEY},{OLD_PAGE_KEY}",
         AUTH_TOKENS=json.dumps({TOKEN_HASH: {"name": "billing", "scope": "read-write"}}),
@@ -96,7 +99,7 @@ def test_no_part_of_a_password_is_logged_whatever_the_url_form(database_url, for
     # Issue 12, row 5: a password given as a query parameter was logged verbatim by `serve`.
     url = form.format(port=database_url.port, db=database_url.database, pw=PASSWORD)
     caplog.set_level(logging.DEBUG)
-    running = RunningServer(test_settings(url, LOG_LEVEL="DEBUG"))
+    running = RunningServer(server_settings(url, LOG_LEVEL="DEBUG"))
     running.stop()
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "database: postgresql" in logged, "the start-up line names the database"
@@ -111,5 +114,7 @@ def test_a_password_with_an_unencoded_at_sign_is_refused_without_echoing_it():
     with pytest.raises(SettingsError) as refused:
         load_settings(DATABASE_URL="postgresql://app:pa@ss-part@db.example/app", PAGE_TOKEN_SECRET=PAGE_KEY)
     message = str(refused.value)
-    assert message.startswith("DATABASE_URL:") and "%40" in message
-    assert "ss-part" not in message and "pa@" not in message
+    assert message.startswith("DATABASE_URL:")
+    assert "%40" in message
+    assert "ss-part" not in message
+    assert "pa@" not in message

@@ -22,10 +22,15 @@ import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import PAGE_TOKEN_SECRET, RunningServer, new_account, test_settings
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pg_instance import ThrowawayPostgres, free_port, wait_until
+from helpers.locks import HeldLock, row_lock
+from helpers.pg_instance import ThrowawayPostgres
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import PAGE_TOKEN_SECRET, server_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -68,45 +73,17 @@ def client_for() -> Iterator:
         client.close()
 
 
-class RowLock:
-    """Another database client holding one account's row lock in an open transaction."""
-
-    def __init__(self, pg: ThrowawayPostgres, account_id: str) -> None:
-        self._connection = psycopg.connect(pg.dsn)
-        with self._connection.cursor() as cursor:
-            cursor.execute("SELECT id FROM ad_accounts WHERE id = %s FOR UPDATE", (account_id,))
-            assert cursor.rowcount == 1
-        # pg_stat_activity is a snapshot per transaction: look at it from outside this one.
-        self._observer = psycopg.connect(pg.dsn, autocommit=True)
-
-    def server_calls_waiting(self) -> int:
-        """How many of the server's connections wait for a lock right now."""
-        with self._observer.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name = 'adaccounts' AND wait_event_type = 'Lock'"
-            )
-            return cursor.fetchone()[0]
-
-    def release(self) -> None:
-        self._connection.rollback()
-
-    def close(self) -> None:
-        self._connection.close()
-        self._observer.close()
-
-
 @pytest.fixture
 def lock_row(pg: ThrowawayPostgres) -> Iterator:
-    locks: list[RowLock] = []
+    locks: list[HeldLock] = []
 
-    def lock(account_id: str) -> RowLock:
-        locks.append(RowLock(pg, account_id))
+    def lock(account_id: str) -> HeldLock:
+        locks.append(row_lock(pg.dsn, account_id))
         return locks[-1]
 
     yield lock
     for held in locks:
-        held.close()
+        held.release()
 
 
 def rename(client: Client, account: pb.AdAccount, name: str) -> grpc.Future:
@@ -117,29 +94,29 @@ def rename(client: Client, account: pb.AdAccount, name: str) -> grpc.Future:
     return client.accounts.UpdateAdAccount.future(request, timeout=30)
 
 
-def hold_for(seconds: float, lock: RowLock, update: grpc.Future, still_running) -> None:  # type: ignore[no-untyped-def]
+def hold_for(seconds: float, lock: HeldLock, update: grpc.Future, still_running) -> None:  # type: ignore[no-untyped-def]
     """Keep the call waiting on the lock well past gRPC's own short final grace period,
     checking all along that it is still in progress and the server has not gone."""
     until = time.monotonic() + seconds
     while time.monotonic() < until:
-        assert lock.server_calls_waiting() == 1
+        assert len(lock.waiters()) == 1
         assert not update.done()
         assert still_running()
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberately: the call must stay in progress for `seconds`, checked all along
 
 
-def start_blocked_update(client: Client, lock_row, name: str) -> tuple[pb.AdAccount, RowLock, grpc.Future]:
+def start_blocked_update(client: Client, lock_row, name: str) -> tuple[pb.AdAccount, HeldLock, grpc.Future]:
     """Create an account, lock its row elsewhere, and start an update that waits on that lock."""
     account = client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
     lock = lock_row(account.id)
     update = rename(client, account, name)
-    wait_until(lambda: lock.server_calls_waiting() == 1, 10, message="the update to wait on the row lock")
+    wait_until(lambda: len(lock.waiters()) == 1, 10, message="the update to wait on the row lock")
     assert not update.done()
     return account, lock, update
 
 
 def test_stop_finishes_the_call_in_progress_and_refuses_new_ones(pg, client_for, lock_row):
-    server = RunningServer(test_settings(pg.url, SHUTDOWN_GRACE_S=15.0))
+    server = RunningServer(server_settings(pg.url, SHUTDOWN_GRACE_S=15.0))
     try:
         client = client_for(server.target)
         wait_until(lambda: client.status() == SERVING, 10, message="SERVING")
@@ -337,18 +314,16 @@ def test_writes_answered_unavailable_at_the_end_of_the_grace_are_never_applied(p
     grace, writers = 0.5, 5
     outcomes: Counter[str] = Counter()
     for run in range(20):
-        server = RunningServer(test_settings(pg.url, SHUTDOWN_GRACE_S=grace))
+        server = RunningServer(server_settings(pg.url, SHUTDOWN_GRACE_S=grace))
         try:
             client = client_for(server.target)
             wait_until(lambda c=client: c.status() == SERVING, 10, message="SERVING")
             account = client.accounts.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
             lock = lock_row(account.id)
             updates = [rename(client, account, f"late {run}.{i}") for i in range(writers)]
-            wait_until(
-                lambda held=lock: held.server_calls_waiting() == writers, 10, message="the updates to wait on the lock"
-            )
+            wait_until(lambda held=lock: len(held.waiters()) == writers, 10, message="the updates to wait on the lock")
             server.begin_stop()
-            time.sleep(grace + 0.05)
+            time.sleep(grace + 0.05)  # deliberately: the lock goes just after the grace, when the calls were answered
             lock.release()
             codes = []
             for update in updates:

@@ -16,16 +16,17 @@ import time
 
 import psutil
 import pytest
-from conftest import RunningServer, test_settings
-from pg_instance import wait_until
-from test_faults import OK, Load, codes_text
+from helpers.load import OK, Load, codes_text
+from helpers.polling import wait_until
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 WARM_UP_S = min(10.0, SOAK_SECONDS / 6)
 SAMPLE_EVERY_S = 5.0
 RSS_GROWTH_BOUND_MB = 50.0
 
-pytestmark = pytest.mark.faults  # not `slow`: that is the clean-venv installs (README)
+pytestmark = pytest.mark.faults  # not `slow`: that is the clean-venv installs (docs/development.md)
 
 MB = 1024 * 1024
 
@@ -37,7 +38,7 @@ def rss_mb() -> float:
 
 @pytest.mark.timeout(SOAK_SECONDS + 120)
 def test_soak_keeps_memory_flat_and_leaves_no_connection_checked_out(database_url, clean_db):
-    running = RunningServer(test_settings(database_url))
+    running = RunningServer(server_settings(database_url))
     pause = threading.Event()  # never set: waits below are the soak's own pacing
     try:
         load = Load(running.target, threads=6, record=False)
@@ -55,7 +56,7 @@ def test_soak_keeps_memory_flat_and_leaves_no_connection_checked_out(database_ur
         calls = sum(load.counts.values())
         codes = load.counts_by_code()
 
-        wait_until(lambda: running.app.service.in_flight == 0, 10, message="no call in progress")
+        wait_until(lambda: running.app.guard.in_flight == 0, 10, message="no call in progress")
         # At rest means that the count comes back to zero (a leaked connection never would).
         wait_until(lambda: running.app.database.checked_out() == 0, 10, message="no connection checked out")
         checked_out = running.app.database.checked_out()

@@ -13,10 +13,13 @@ import psycopg
 import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pg_instance import ThrowawayPostgres, wait_until
+from helpers.pg_instance import ThrowawayPostgres
+from helpers.polling import wait_until
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 pytestmark = pytest.mark.faults
 
@@ -28,7 +31,7 @@ PROBE_WITHIN_S = 1.0
 
 @pytest.fixture
 def server(pg: ThrowawayPostgres) -> Iterator[RunningServer]:
-    running = RunningServer(test_settings(pg.url, DB_POOL_SIZE=2))
+    running = RunningServer(server_settings(pg.url, DB_POOL_SIZE=2))
     yield running
     pg.resume()  # a stalled database would hold up the server's drain
     running.stop()
@@ -52,7 +55,7 @@ def probe_until(done: threading.Event, health: health_pb2_grpc.HealthStub) -> li
             started = time.monotonic()
             health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             took.append(time.monotonic() - started)
-        time.sleep(0.05)
+        time.sleep(0.05)  # deliberately: a prober's pace, until told to stop
     return took
 
 
@@ -90,7 +93,7 @@ def test_a_call_on_a_stalled_database_ends_at_its_deadline_and_leaves_nothing_be
             with pytest.raises(grpc.RpcError) as failed:
                 calls[kind]()
             took = time.monotonic() - started
-            time.sleep(1.0)  # keep probing while the call's cleanup waits on the stalled database
+            time.sleep(1.0)  # deliberately: keep probing while the call's cleanup waits on the stalled database
         finally:
             done.set()
             prober.join(10)
@@ -98,7 +101,8 @@ def test_a_call_on_a_stalled_database_ends_at_its_deadline_and_leaves_nothing_be
 
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert took < DEADLINE_S + 0.5, f"the call took {took:.2f} s"
-        assert probes and max(probes) < PROBE_WITHIN_S, f"slowest probe {max(probes):.2f} s"
+        assert probes, "no health probe answered while the database was stalled"
+        assert max(probes) < PROBE_WITHIN_S, f"slowest probe {max(probes):.2f} s"
 
         wait_until(lambda: not busy_statements(pg), 15, message="the stalled call's statement to end in PostgreSQL")
         assert stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10) == account, "nothing changed"

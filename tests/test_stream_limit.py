@@ -13,7 +13,9 @@ import pytest
 from adaccounts import AdAccountsClient
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import RunningServer, new_account, test_settings
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 from sqlalchemy.engine import URL
 
 pytestmark = pytest.mark.faults
@@ -25,7 +27,7 @@ ROWS = 1000  # List(1000) answers take long enough to keep their streams open
 @pytest.fixture(scope="module")
 def roomy_server(database_url: URL) -> Iterator[RunningServer]:
     """The stream limit at its default; enough call slots that only the stream limit matters."""
-    running = RunningServer(test_settings(database_url, MAX_CONCURRENT_RPCS=1000, DB_POOL_SIZE=8))
+    running = RunningServer(server_settings(database_url, MAX_CONCURRENT_RPCS=1000, DB_POOL_SIZE=8))
     yield running
     running.stop()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +13,11 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.config import SettingsError
-from conftest import RunningServer, test_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pki import CertificateAuthority, Issued
+from helpers.pki import CertificateAuthority, Issued
+from helpers.polling import wait_until
+from helpers.server import RunningServer
+from helpers.settings import server_settings
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def tls_settings(database_url, mode: str, server: Issued, client_ca: Path | None
     if client_ca is not None:
         values["GRPC_TLS_CLIENT_CA_FILE"] = client_ca
     values.update(overrides)
-    return test_settings(database_url, **values)
+    return server_settings(database_url, **values)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_tls_settings_are_checked_in_one_line(database_url, pki, tmp_path, mode,
         "missing": tmp_path / "nope.pem",
     }
     with pytest.raises(SettingsError) as raised:
-        test_settings(database_url, GRPC_TLS=mode, **{name: paths[which] for name, which in files.items()})
+        server_settings(database_url, GRPC_TLS=mode, **{name: paths[which] for name, which in files.items()})
     message = str(raised.value)
     assert message.startswith(named), message
     assert "\n" not in message
@@ -168,14 +169,18 @@ def test_adaccounts_check_speaks_mtls(mtls_server, pki):
     good = check(*target, "--ca", ca, "--cert", str(client.cert), "--key", str(client.key))
     assert (good.returncode, good.stdout.strip()) == (0, f"{mtls_server.target} 'liveness': SERVING"), good.stderr
     no_cert = check(*target, "--ca", ca)
-    assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stdout
+    assert no_cert.returncode == 1
+    assert "UNAVAILABLE" in no_cert.stdout
     plaintext = check(*target)
-    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stdout
+    assert plaintext.returncode == 1
+    assert "UNAVAILABLE" in plaintext.stdout
     for bad in (["--ca", ca, "--cert", str(client.cert)], ["--cert", str(client.cert), "--key", str(client.key)]):
         usage = check(*target, *bad)
-        assert usage.returncode == 2 and "--cert and --key go together" in usage.stderr
+        assert usage.returncode == 2
+        assert "--cert and --key go together" in usage.stderr
     missing = check(*target, "--ca", "/nonexistent/ca.pem")
-    assert missing.returncode == 2 and "cannot read /nonexistent/ca.pem" in missing.stderr
+    assert missing.returncode == 2
+    assert "cannot read /nonexistent/ca.pem" in missing.stderr
 
 
 def test_plaintext_health_port_serves_probes_and_nothing_else(database_url, pki):
@@ -187,12 +192,15 @@ def test_plaintext_health_port_serves_probes_and_nothing_else(database_url, pki)
         with grpc.insecure_channel(health_target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "liveness", "readiness"):
-                deadline = time.monotonic() + 10
-                while health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status != (
-                    health_pb2.HealthCheckResponse.SERVING
-                ):
-                    assert time.monotonic() < deadline, f"{service!r} never SERVING on the health port"
-                    time.sleep(0.1)
+                wait_until(
+                    lambda service=service: (
+                        health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ),
+                    10,
+                    interval=0.1,
+                    message=f"{service!r} SERVING on the health port",
+                )
             with pytest.raises(grpc.RpcError) as caught:
                 pb_grpc.AdAccountServiceStub(channel).ListAdAccounts(pb.ListAdAccountsRequest(), timeout=2)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import uuid
 
 import grpc
@@ -13,7 +12,11 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server import logs, tracing
-from conftest import ADMIN_URL, RunningServer, create_database, drop_database, new_account, test_settings
+from helpers.databases import create_database, drop_database
+from helpers.polling import wait_until
+from helpers.rpc import new_account
+from helpers.server import RunningServer
+from helpers.settings import ADMIN_URL, server_settings
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -31,7 +34,7 @@ def spans(monkeypatch) -> InMemorySpanExporter:
 
 
 def test_a_call_and_its_sql_are_one_trace(database_url, clean_db, spans):
-    running = RunningServer(test_settings(database_url, TRACING="otlp"))
+    running = RunningServer(server_settings(database_url, TRACING="otlp"))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
@@ -46,7 +49,8 @@ def test_a_call_and_its_sql_are_one_trace(database_url, clean_db, spans):
     assert sql, [(s.name, s.kind) for s in finished]
     assert all(s.parent is not None and s.parent.span_id == get.context.span_id for s in sql)
     statements = " ".join(str(s.attributes.get("db.statement", "")) for s in sql)
-    assert "SELECT" in statements and "ad_accounts" in statements
+    assert "SELECT" in statements
+    assert "ad_accounts" in statements
     everything = " ".join(f"{s.name} {dict(s.attributes or {})}" for s in finished)
     for value in (created.id, created.external_id, created.name):  # placeholders only, never values
         assert value not in everything
@@ -57,18 +61,17 @@ def test_tracing_is_off_by_default(server):
 
 
 def logged(stream: io.StringIO, logger: str, count: int) -> list[dict]:
-    """The lines of `logger`, once there are `count` (a call is logged just after its status is sent)."""
-    deadline = time.monotonic() + 2
-    while True:
-        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-        found = [line for line in lines if line["logger"] == logger]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
+    """The lines of `logger`, once there are `count` (a call may be logged just after its caller has its answer)."""
+
+    def found() -> list[dict]:
+        return [line for line in map(json.loads, stream.getvalue().splitlines()) if line["logger"] == logger]
+
+    wait_until(lambda: len(found()) >= count, 2, interval=0.01, message=f"{count} line(s) of {logger}")
+    return found()
 
 
 def test_a_calls_log_lines_carry_its_trace_id(database_url, clean_db, spans, json_log):
-    running = RunningServer(test_settings(database_url, TRACING="otlp"))
+    running = RunningServer(server_settings(database_url, TRACING="otlp"))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)
@@ -82,17 +85,19 @@ def test_a_calls_log_lines_carry_its_trace_id(database_url, clean_db, spans, jso
     assert get_line["trace_id"] == f"{TRACE_ID:032x}" == format(server_spans["GetAdAccount"].context.trace_id, "032x")
     # No traceparent: the server's own trace for the call, the one its span is in.
     assert create_line["trace_id"] == format(server_spans["CreateAdAccount"].context.trace_id, "032x")
-    assert len(create_line["trace_id"]) == 32 and create_line["trace_id"] != get_line["trace_id"]
+    assert len(create_line["trace_id"]) == 32
+    assert create_line["trace_id"] != get_line["trace_id"]
     # Lines logged outside any call (start-up, health, shutdown) have none.
     others = [line for line in map(json.loads, json_log.getvalue().splitlines()) if line["logger"] != RPC_LOGGER]
-    assert others and not any("trace_id" in line for line in others)
+    assert others
+    assert not any("trace_id" in line for line in others)
 
 
 def test_every_line_logged_during_a_call_carries_its_trace_id(spans, json_log):
     # No schema: the call fails INTERNAL, and adaccounts_server.errors logs the traceback during it.
     name = f"adaccounts_test_noschema_{uuid.uuid4().hex[:8]}"
     url = create_database(ADMIN_URL, name)
-    running = RunningServer(test_settings(url, TRACING="otlp"))
+    running = RunningServer(server_settings(url, TRACING="otlp"))
     try:
         with grpc.insecure_channel(running.target) as channel, pytest.raises(grpc.RpcError) as raised:
             pb_grpc.AdAccountServiceStub(channel).GetAdAccount(
@@ -111,7 +116,7 @@ def test_every_line_logged_during_a_call_carries_its_trace_id(spans, json_log):
 def test_no_trace_id_when_tracing_is_off(database_url, clean_db, json_log, monkeypatch):
     monkeypatch.setattr(logs, "_current_trace_id", logs._current_trace_id)  # restored afterwards
     logs.enable_trace_ids()  # as once any server in the process has traced
-    running = RunningServer(test_settings(database_url))
+    running = RunningServer(server_settings(database_url))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.AdAccountServiceStub(channel)

@@ -18,9 +18,11 @@ import grpc
 import psutil
 import psycopg
 import pytest
-from conftest import PAGE_TOKEN_SECRET, RunningServer, test_settings, without_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pg_instance import free_port, wait_until
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.server import RunningServer
+from helpers.settings import PAGE_TOKEN_SECRET, server_settings, without_settings
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import URL
 
@@ -46,7 +48,7 @@ CALLER = textwrap.dedent(
         for _ in range(calls)
     ]
     print("sent", flush=True)
-    time.sleep(600)
+    time.sleep(600)  # until killed: its calls stay open
     """
 )
 
@@ -102,14 +104,18 @@ def stalled_caller(target: str, metrics_port: int) -> None:
         [sys.executable, "-c", CALLER, target, str(CONNECTIONS), str(CALLS)], stdout=subprocess.PIPE
     )
     try:
-        assert caller.stdout is not None and caller.stdout.readline().strip() == b"sent"
+        assert caller.stdout is not None
+        assert caller.stdout.readline().strip() == b"sent"
         # "sent" means handed to gRPC: stop the caller only once its calls reach the server.
         wait_until(lambda: calls_started(metrics_port) - started >= ADMITTED, 10, message="calls to reach the server")
         caller.send_signal(signal.SIGSTOP)  # it reads nothing more
-        time.sleep(3.0)  # the server answers what it admitted, into buffers nobody reads
+        # Deliberately for a while (it is not until something): the server answers what it admitted,
+        # into buffers nobody reads.
+        time.sleep(3.0)
     finally:
         caller.kill()
         caller.wait()
+        caller.stdout.close()
 
 
 def metric_sum(metrics_port: int, name: str) -> float:
@@ -152,7 +158,7 @@ def test_a_caller_that_stops_reading_holds_bounded_memory_released_when_it_goes(
 
 def test_a_call_counts_against_the_limit_until_its_response_is_written(database_url, clean_db):
     # Long names: answers of ~250 KB, so that 60 of them are more than any socket and HTTP/2 window holds.
-    running = RunningServer(test_settings(database_url, MAX_CONCURRENT_RPCS=8))
+    running = RunningServer(server_settings(database_url, MAX_CONCURRENT_RPCS=8))
     try:
         with psycopg.connect(database_url.set(drivername="postgresql").render_as_string(False), autocommit=True) as db:
             db.execute(
@@ -164,18 +170,20 @@ def test_a_call_counts_against_the_limit_until_its_response_is_written(database_
             )
         caller = subprocess.Popen([sys.executable, "-c", CALLER, running.target, "1", "60"], stdout=subprocess.PIPE)
         try:
-            assert caller.stdout is not None and caller.stdout.readline().strip() == b"sent"
-            service = running.app.service
+            assert caller.stdout is not None
+            assert caller.stdout.readline().strip() == b"sent"
+            service = running.app.guard
             # "sent" means handed to gRPC: stop the caller only once its calls reached the server.
             wait_until(lambda: service.unfinished == 8, 10, message="8 calls admitted")
             caller.send_signal(signal.SIGSTOP)
             # Answered (no handler runs any more) but not written: they still hold their places.
             wait_until(lambda: service.in_flight == 0 and service.unfinished == 8, 10, message="8 unsent answers")
-            time.sleep(0.5)
+            time.sleep(0.5)  # deliberately: and they keep holding them while the answers stay unwritten
             assert service.unfinished == 8
         finally:
             caller.kill()
             caller.wait()
-        wait_until(lambda: running.app.service.unfinished == 0, 10, message="the dead caller's calls to end")
+            caller.stdout.close()
+        wait_until(lambda: running.app.guard.unfinished == 0, 10, message="the dead caller's calls to end")
     finally:
         running.stop()

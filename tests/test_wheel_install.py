@@ -15,10 +15,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -30,8 +28,12 @@ import pytest
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
 from adaccounts_server.migrate import revisions
-from conftest import ADMIN_URL, PAGE_TOKEN_SECRET, create_database, drop_database, new_account, without_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.databases import create_database, drop_database
+from helpers.polling import wait_until
+from helpers.ports import free_port
+from helpers.rpc import new_account
+from helpers.settings import ADMIN_URL, PAGE_TOKEN_SECRET, without_settings
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,12 +104,6 @@ def empty_db() -> Iterator[str]:
         drop_database(ADMIN_URL, name)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pip_check_is_clean_and_no_file_belongs_to_two_distributions(venv: Path, tmp_path: Path) -> None:
@@ -163,17 +159,20 @@ def test_migrate_and_serve_from_outside_the_checkout(venv: Path, tmp_path: Path,
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        status = None
         with grpc.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline and status != SERVING:
+
+            def serving() -> bool:
                 assert process.poll() is None, f"serve exited with {process.returncode}:\n{log.read_text()}"
                 try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                    return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == SERVING
                 except grpc.RpcError:
-                    time.sleep(0.1)
-            assert status == SERVING, f"not SERVING within {TIMEOUT_S:g} s:\n{log.read_text()}"
+                    return False
+
+            try:
+                wait_until(serving, TIMEOUT_S, interval=0.1, message="SERVING")
+            except AssertionError as error:
+                raise AssertionError(f"{error}:\n{log.read_text()}") from None
             stub = pb_grpc.AdAccountServiceStub(channel)
             created = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
             assert stub.GetAdAccount(pb.GetAdAccountRequest(id=created.id), timeout=5) == created

@@ -1,20 +1,22 @@
 """`adaccounts serve --workers N`: several processes on one port, supervised."""
 
-# ruff: noqa: F811  (pytest fixtures imported from test_cli are parameters here)
-
 from __future__ import annotations
 
 import os
 import signal
 import socket
-import time
 
 import grpc
 import psutil
 from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts.v1 import ad_accounts_pb2_grpc as pb_grpc
-from conftest import PAGE_TOKEN_SECRET, new_account
-from test_cli import FAST_RECONNECT, empty_db, migrated_db, pg_url, run, serve  # noqa: F401  (fixtures, used by name)
+from helpers.cli import FAST_RECONNECT, pg_url, run
+from helpers.polling import wait_until
+from helpers.rpc import new_account
+from helpers.settings import PAGE_TOKEN_SECRET
+
+# Worker processes start and stop at a loaded machine's pace.
+WAIT_S = 20.0
 
 
 def workers_of(pid: int) -> list[psutil.Process]:
@@ -29,14 +31,6 @@ def workers_of(pid: int) -> list[psutil.Process]:
     return workers
 
 
-def wait_for(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s")
-        time.sleep(0.1)
-
-
 def listening_pids(port: int) -> set[int]:
     return {
         c.pid
@@ -48,10 +42,10 @@ def listening_pids(port: int) -> set[int]:
 def test_workers_share_the_port_and_a_dead_worker_is_replaced(serve, migrated_db):
     server = serve("--workers", "2", DATABASE_URL=pg_url(migrated_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
     server.wait_serving()
-    wait_for(lambda: len(workers_of(server.process.pid)) == 2)
+    wait_until(lambda: len(workers_of(server.process.pid)) == 2, WAIT_S)
     port = int(server.target.rsplit(":", 1)[1])
     first = {p.pid for p in workers_of(server.process.pid)}
-    wait_for(lambda: listening_pids(port) == first)
+    wait_until(lambda: listening_pids(port) == first, WAIT_S)
 
     # Separate connections land on both workers; every one answers.
     channels = [grpc.insecure_channel(server.target, options=FAST_RECONNECT) for _ in range(8)]
@@ -68,10 +62,12 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(serve, migrated_db
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
         # The supervisor starts a replacement, which listens on the same port.
-        wait_for(lambda: len(pids := {p.pid for p in workers_of(server.process.pid)}) == 2 and victim not in pids)
+        wait_until(
+            lambda: len(pids := {p.pid for p in workers_of(server.process.pid)}) == 2 and victim not in pids, WAIT_S
+        )
         replaced = {p.pid for p in workers_of(server.process.pid)}
         assert len(replaced & first) == 1
-        wait_for(lambda: listening_pids(port) == replaced)
+        wait_until(lambda: listening_pids(port) == replaced, WAIT_S)
         server.wait_serving()
     finally:
         for channel in channels:
@@ -84,11 +80,13 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(serve, migrated_db
 def test_workers_stop_when_their_supervisor_is_killed(serve, migrated_db):
     server = serve("--workers", "2", DATABASE_URL=pg_url(migrated_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
     server.wait_serving()
-    wait_for(lambda: len(workers_of(server.process.pid)) == 2)
+    wait_until(lambda: len(workers_of(server.process.pid)) == 2, WAIT_S)
     pids = [p.pid for p in workers_of(server.process.pid)]
     server.process.kill()
     server.process.wait()
-    wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids))
+    wait_until(
+        lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids), WAIT_S
+    )
 
 
 def test_workers_refuse_a_port_that_is_taken(serve, tmp_path):
@@ -106,6 +104,6 @@ def test_sigterm_while_workers_are_still_starting_exits_0(serve, migrated_db):
     """A deploy that stops a pod right after it started: workers killed by the forwarded
     SIGTERM before they could serve lost nothing, so the supervisor still exits 0."""
     server = serve("--workers", "2", DATABASE_URL=pg_url(migrated_db), PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET)
-    wait_for(lambda: "supervising 2 workers" in server.output, timeout=20)
+    wait_until(lambda: "supervising 2 workers" in server.output, WAIT_S)
     assert server.terminate() == 0, server.output
     assert "all workers stopped" in server.output

@@ -1,4 +1,5 @@
-"""The fenced code blocks of the READMEs, which the tests run as written."""
+"""The fenced code blocks of the docs with examples (docs/api.md, clients/README.md), which the tests run as
+written."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = (ROOT / "README.md", ROOT / "clients" / "README.md")
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = (ROOT / "docs" / "api.md", ROOT / "clients" / "README.md")
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
 

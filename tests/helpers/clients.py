@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-CLIENTS = Path(__file__).resolve().parent.parent / "clients"
+CLIENTS = Path(__file__).resolve().parents[2] / "clients"
 LIST_METHOD = "/adaccounts.v1.AdAccountService/ListAdAccounts"
 
 

@@ -15,24 +15,18 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg
 from sqlalchemy.engine import URL
 
+from .ports import free_port
+
 # Debian's PostgreSQL 15 (`pg_config --bindir`); override for another install.
 PG_BINDIR = Path(os.environ.get("ADACCOUNTS_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 OS_USER = "postgres"  # who runs the binaries when the tests run as root
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ThrowawayPostgres:
@@ -197,15 +191,3 @@ def _children(pid: int) -> list[int]:
         if int(stat.rpartition(")")[2].split()[1]) == pid:
             children.append(int(entry.name))
     return children
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
-        time.sleep(interval)

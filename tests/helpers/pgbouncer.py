@@ -16,12 +16,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg
-from pg_instance import OS_USER, free_port
 from sqlalchemy.engine import URL
+
+from .pg_instance import OS_USER
+from .polling import wait_until
+from .ports import free_port
 
 PGBOUNCER = Path(os.environ.get("ADACCOUNTS_TEST_PGBOUNCER", "/usr/sbin/pgbouncer"))
 INSTALL_HINT = (
@@ -134,20 +136,22 @@ class PgBouncer:
             stderr=subprocess.DEVNULL,
             **as_user,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"pgbouncer exited with {self._process.returncode}:\n{self.log_tail()}")
+        process = self._process
+
+        def accepts() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"pgbouncer exited with {process.returncode}:\n{self.log_tail()}")
             try:
                 psycopg.connect(self.admin_dsn).close()
-                return
             except psycopg.OperationalError:
-                if time.monotonic() >= deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"pgbouncer did not accept connections in {timeout:g} s:\n{self.log_tail()}"
-                    ) from None
-                time.sleep(0.05)
+                return False
+            return True
+
+        try:
+            wait_until(accepts, timeout, message="pgbouncer to accept connections")
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"pgbouncer did not accept connections in {timeout:g} s:\n{self.log_tail()}") from None
 
     def stop(self) -> None:
         process, self._process = self._process, None
