@@ -64,7 +64,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """None for GRPC_TLS=off (plaintext); otherwise credentials that follow the files."""
     if settings.GRPC_TLS == "off":
         return None
-    assert settings.GRPC_TLS_CERT_FILE is not None and settings.GRPC_TLS_KEY_FILE is not None  # checked by config
+    assert settings.GRPC_TLS_CERT_FILE is not None  # checked by config
+    assert settings.GRPC_TLS_KEY_FILE is not None
     mutual = settings.GRPC_TLS == "mtls"
     files = _RotatingFiles(
         settings.GRPC_TLS_CERT_FILE,
