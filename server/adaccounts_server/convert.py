@@ -196,7 +196,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def _set_timestamp(timestamp: timestamp_pb2.Timestamp, moment: datetime) -> None:
     """Timestamp.FromDatetime's result from datetime arithmetic alone (its calendar math in
     Python was ~6 % of a point read's event-loop time), set in place: a Timestamp built apart
-    is copied into its message field, ~0.5 us more a time (docs/decisions/0010)."""
+    would be copied into its message field (docs/decisions/0010)."""
     elapsed = as_utc(moment) - _EPOCH  # normalised: seconds and microseconds are never negative
     timestamp.seconds = elapsed.days * 86_400 + elapsed.seconds
     timestamp.nanos = elapsed.microseconds * 1000

@@ -773,9 +773,9 @@ def parse_lsn(value: bytes | None) -> int | None:
 
 
 def _literal(transformer: PgTransformer, value: Any) -> bytes:
-    """`value` as an SQL literal: psycopg's, but for a list of UUIDs (BatchGet's ids), written
-    here as psycopg writes it: its array dumper quotes item by item, ~1.7 us an id, and a
-    UUID's text (hex digits and hyphens) never needs quoting (docs/decisions/0010)."""
+    """`value` as an SQL literal: psycopg's, but a list of UUIDs (BatchGet's ids) is written
+    here, as psycopg writes it, without its array dumper's quoting item by item: a UUID's hex
+    never needs quoting (docs/decisions/0010)."""
     if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
         return b"'{%s}'::uuid[]" % ",".join([item.hex for item in value]).encode()
     return transformer.as_literal(_db_value(value))
