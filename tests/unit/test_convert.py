@@ -15,22 +15,15 @@ from adaccounts.v1 import ad_accounts_pb2 as pb
 from adaccounts_server import convert, models
 from adaccounts_server.errors import InvalidArgument
 from google.protobuf import field_mask_pb2
+from helpers.rpc import new_account
 
 OWNER = "123e4567-e89b-12d3-a456-426614174000"
 ACCOUNT_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 
 
 def account(**fields: object) -> pb.AdAccount:
-    values: dict[str, object] = {
-        "owner_id": OWNER,
-        "platform": pb.PLATFORM_META,
-        "external_id": "act_1",
-        "name": "Acme EU",
-        "currency_code": "EUR",
-        "time_zone": "Europe/Paris",
-    }
-    values.update(fields)
-    return pb.AdAccount(**values)
+    """helpers.rpc's valid account, with a fixed owner and external id."""
+    return new_account(**{"owner_id": OWNER, "external_id": "act_1", **fields})
 
 
 def violations(parse, request) -> dict[str, str]:  # type: ignore[no-untyped-def]

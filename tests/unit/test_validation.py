@@ -19,6 +19,7 @@ from adaccounts_server import convert
 from adaccounts_server.errors import InvalidArgument
 from adaccounts_server.page_tokens import PageTokens, Position
 from google.protobuf import field_mask_pb2
+from helpers.rpc import new_account
 
 KEY = b"unit-test-page-token-key"
 ROW_ID = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
@@ -186,16 +187,8 @@ def test_token_for_other_filters_or_order_is_still_refused():
 
 
 def create_request(**fields: object) -> pb.CreateAdAccountRequest:
-    values: dict[str, object] = {
-        "owner_id": ROW_ID,
-        "platform": pb.PLATFORM_META,
-        "external_id": "act_1",
-        "name": "Acme EU",
-        "currency_code": "EUR",
-        "time_zone": "Europe/Paris",
-    }
-    values.update(fields)
-    return pb.CreateAdAccountRequest(ad_account=pb.AdAccount(**values))
+    """helpers.rpc's valid account, with a fixed owner and external id, in a request."""
+    return pb.CreateAdAccountRequest(ad_account=new_account(**{"owner_id": ROW_ID, "external_id": "act_1", **fields}))
 
 
 def violations_of(request: pb.CreateAdAccountRequest | pb.UpdateAdAccountRequest) -> dict[str, str]:
