@@ -3,7 +3,7 @@
 It is what the real server does for a point read minus the database and the service's own
 code: a grpc.aio server with the same options (read from the same settings), each call
 answered on the event loop with a prebuilt AdAccount of a point read's size, as
-GetAdAccount's read is awaited on the event loop without a worker thread (loop_pool).
+GetAdAccount's read is awaited on the event loop without a worker thread.
 GetAdAccount ÷ this is how much of the cost of a call is the database path rather than
 gRPC itself.
 
@@ -12,10 +12,9 @@ gRPC itself.
 With --workers N it runs N processes sharing the port (SO_REUSEPORT), like `adaccounts
 serve --workers N`, so the comparison is with the same number of processes.
 
---handlers says how the echo method is registered: `registered` (the default), through
-`server.add_registered_method_handlers`, as the real server registers AdAccountService; or
-`generic`, through `server.add_generic_rpc_handlers`, the path grpcio 1.85 serves with an
-extra asyncio.Task and two more event-loop hops per call (grpc/grpc#41796).
+--handlers says how the echo method is registered: `generic` (the default), through
+`server.add_generic_rpc_handlers`, as the real server registers AdAccountService
+(docs/decisions/0008); or `registered`, through `server.add_registered_method_handlers`.
 bench/handler_registration.py measures one against the other.
 """
 
@@ -50,7 +49,7 @@ ANSWER = pb.AdAccount(
 )
 
 
-async def serve(port: int, reuse_port: bool, handlers: str = "registered") -> None:
+async def serve(port: int, reuse_port: bool, handlers: str = "generic") -> None:
     settings = load_settings()
     options = [
         ("grpc.so_reuseport", int(reuse_port)),
@@ -94,8 +93,8 @@ def main() -> None:
     parser.add_argument(
         "--handlers",
         choices=HANDLERS,
-        default="registered",
-        help="register the echo method through add_registered_method_handlers (default) or add_generic_rpc_handlers",
+        default="generic",
+        help="how the echo method is registered: generic (the default, as the server) or registered",
     )
     args = parser.parse_args()
     if args.workers == 1:

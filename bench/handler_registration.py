@@ -13,7 +13,7 @@ round of two runs, the echo no difference, so the server ships generic handlers
 
 Two pairs of servers, one pair at a time, both servers of a pair up at once (one process each):
 
-- echo: bench/echo_server.py --handlers generic, and --handlers registered (its default): the
+- echo: bench/echo_server.py --handlers generic (its default), and --handlers registered: the
   gRPC path alone, no database, answering a prebuilt AdAccount of a point read's size;
 - GetAdAccount: `adaccounts serve --workers 1` on a seeded throwaway PostgreSQL, through
   bench/serve_with_handlers.py, which replaces app.register_service with one that registers the

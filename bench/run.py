@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight, over all load processes")
     parser.add_argument("--load-processes", type=int, default=2, help="separate load-generator processes")
     # Many connections: each stays with the worker that accepted it, chosen by a kernel hash,
-    # and with few of them one worker can get most of the load (README, "Benchmark").
+    # and with few of them one worker can get most of the load (docs/benchmarks.md).
     parser.add_argument("--connections", type=int, default=16, help="gRPC connections per load process")
     parser.add_argument(
         "--load",

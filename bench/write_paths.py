@@ -13,9 +13,9 @@ on the server --server names, migrated to head, dropped at the end, Ctrl-C and S
 
 - A, the service's own path: ``AdAccountRepository`` over ``PostgresDatabase`` (one
   ``psycopg_pool.AsyncConnectionPool`` of DB_POOL_SIZE=8; SQLAlchemy Core statements compiled once,
-  sent by psycopg's AsyncClientCursor in the simple-query protocol with client-side binding; the
+  sent as simple-query messages on the connection's ``pgconn`` with client-side binding; the
   first statement of a transaction travels as ``BEGIN; SELECT txid_current(); SET LOCAL
-  statement_timeout = N; <stmt>``, then a lone ``COMMIT``). Create = ``repository.create``
+  statement_timeout = N; <stmt>``, then ``COMMIT; SELECT pg_current_wal_insert_lsn()``). Create = ``repository.create``
   (one INSERT ... RETURNING); Update = ``repository.update`` of the name (SELECT ... FOR UPDATE,
   etag check, UPDATE ... RETURNING).
 - B, the alternative: ``create_async_engine("postgresql+psycopg://...", pool_size=8, max_overflow=0)``

@@ -138,7 +138,7 @@ class AdAccountsClient:
     `credentials` switches to TLS (see tls_credentials); `metadata_provider` is called
     before every call and its pairs are sent with it (an auth token, say); a call's own
     `metadata` replaces the provider's pairs with the same key.
-    `keepalive_time_s` below 300 needs the server to allow it (see the README).
+    `keepalive_time_s` below 300 needs the server to allow it (see clients/README.md).
     `interceptors` and raw channel `options` are passed to gRPC as they are (an option
     given here replaces the client's own value for it).
 

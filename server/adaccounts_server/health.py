@@ -14,7 +14,7 @@ the code (not migrated yet) keeps the database-backed services NOT_SERVING,
 logging once that `adaccounts migrate` must run; the server never migrates
 PostgreSQL itself. A database ahead of the code (a revision this code does not
 know: a newer release migrated it, then the app was rolled back) stays SERVING,
-because migrations are expand/contract (README, "Deploying"). The check runs
+because migrations are expand/contract (docs/deploying.md, "Migration policy"). The check runs
 after the first good ping, after every ping while the schema is not right,
 whenever the database comes back after a failure, and every
 SCHEMA_RECHECK_PINGS pings otherwise.

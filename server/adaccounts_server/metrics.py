@@ -7,7 +7,7 @@ codes.Code.String(), not Python's NOT_FOUND), grpc_server_handling_seconds
 (histogram); and adaccounts_rpcs_in_flight. No `*_created` series: the Go
 client does not write them, and they double the series of every counter and
 histogram for a value (the process start, near enough) nobody asked for.
-Read at each scrape: the connection pool (size, checked out, overflow), the
+Read at each scrape: the connection pool (size, checked out), the
 health status, and the concurrency limit. Observed by the health monitor's
 pings: adaccounts_db_ping_seconds. Label values are method and status names
 only: nothing a caller sends, no token, no URL.
@@ -102,7 +102,7 @@ class Metrics:
         )
         self._ping = Histogram(
             "adaccounts_db_ping_seconds",
-            "Health monitor's database ping (SELECT 1 through the pool), when it answers.",
+            "Health monitor's database ping (on a connection of its own), when it answers.",
             buckets=PING_BUCKETS,
             registry=self.registry,
         )

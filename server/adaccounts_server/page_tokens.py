@@ -8,7 +8,7 @@ secret, so any of them accepts a token another minted.
 
 PAGE_TOKEN_SECRET may hold several keys, separated by commas: tokens are signed
 with the first and accepted under any of them, so the key can be rotated
-without breaking the walks in progress (README, "Rotating the page-token key").
+without breaking the walks in progress (docs/deploying.md, "Rotating the page-token key").
 
 A signature proves who made a token, not that its content is sound: the
 development secret is public, and a leaked one is a secret no more. So what a

@@ -7,7 +7,7 @@ gRPC's own multiprocessing example does); a connection then stays with its
 worker, which is why servers cap connection age and clients open several.
 
 Each worker is a fresh interpreter (multiprocessing "spawn"): it builds its own
-engine, thread pool and gRPC server, so nothing that does not survive a fork
+event loop, database pool and gRPC server, so nothing that does not survive a fork
 (gRPC's core, database connections) is ever inherited. Each reports its own
 health. The supervisor forwards SIGTERM/SIGINT, replaces a worker that dies,
 and exits 0 once every worker has stopped.
