@@ -160,8 +160,9 @@ class _Handoff(logging.Handler):
     writes it with one write() per batch.
 
     Formatting and writing each line on the event loop, or waking a writer for each
-    line, cost a point read 20-30 % of its throughput: every GIL hand-over makes the
-    loop wait behind another thread, so the writer wakes at most every _GATHER_S.
+    line, cost a point read much of its throughput (docs/decisions/0002): every GIL
+    hand-over makes the loop wait behind another thread, so the writer wakes at most
+    every _GATHER_S.
     The request id is read here, on the thread that logged (it lives in a context
     variable); the message and any traceback become text here too, so the record no
     longer holds arguments that may change or frames that keep objects alive.
