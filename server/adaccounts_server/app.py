@@ -66,7 +66,7 @@ class App:
         self.monitor = DatabaseMonitor(self.database, settings.HEALTH_CHECK_INTERVAL_S, settings.HEALTH_CHECK_TIMEOUT_S)
         self.tracing = Tracing(settings) if settings.TRACING != "off" else None
         if self.tracing is not None:
-            self.database.tracer = self.tracing.sql_tracer()
+            self.database.trace(self.tracing.sql_tracer())
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         if settings.METRICS_PORT is not None:

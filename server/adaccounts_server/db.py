@@ -190,6 +190,10 @@ class Database(ABC):
         self.pool_size = settings.DB_POOL_SIZE
         self.tracer: Tracer | None = None  # one span per round trip, when set
 
+    def trace(self, tracer: Tracer) -> None:
+        """From now on, one span per round trip."""
+        self.tracer = tracer
+
     @abstractmethod
     async def open(self) -> None: ...
 
@@ -553,22 +557,23 @@ class PostgresDatabase(Database):
             raise Unreachable(f"the database failed a ping ({type(error).__name__})") from None
 
     async def ping(self, timeout: float) -> None:
-        try:
-            await self._monitor_query("SELECT 1", timeout)
-        except DatabaseError:
-            self._reachable = False
-            raise
-        self._reachable = True
+        await self._ping("SELECT 1", timeout)
 
     async def ping_position(self, timeout: float) -> int:
         """A ping that also answers the primary's WAL position (how far it has written)."""
+        ((position,),) = await self._ping(PRIMARY_POSITION.decode(), timeout)
+        return lsn_value(position)
+
+    async def _ping(self, sql: str, timeout: float) -> list[tuple[Any, ...]]:
+        """The health monitor's query; what it finds is what a call that cannot get a pooled
+        connection is told (Unreachable rather than Busy)."""
         try:
-            ((position,),) = await self._monitor_query(PRIMARY_POSITION.decode(), timeout)
+            rows = await self._monitor_query(sql, timeout)
         except DatabaseError:
             self._reachable = False
             raise
         self._reachable = True
-        return lsn_value(position)
+        return rows
 
     async def replay_position(self, timeout: float) -> int:
         """A standby's replay position; Unreachable when this server is not a standby."""

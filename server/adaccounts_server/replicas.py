@@ -97,18 +97,11 @@ class ReplicatedDatabase(Database):
         self.primary_reads = 0
         self.fallbacks: Counter[str] = Counter()
 
-    @property
-    def tracer(self) -> Tracer | None:
-        tracer: Tracer | None = getattr(self, "_tracer", None)
-        return tracer
-
-    @tracer.setter
-    def tracer(self, tracer: Tracer | None) -> None:
-        """The same tracer on every database (set to None by Database.__init__, before they exist)."""
-        self._tracer = tracer
-        for database in (getattr(self, "primary", None), *(r.database for r in getattr(self, "replicas", ()))):
-            if database is not None:
-                database.tracer = tracer
+    def trace(self, tracer: Tracer) -> None:
+        """The same tracer on every database: their round trips are the spans."""
+        self.primary.trace(tracer)
+        for replica in self.replicas:
+            replica.database.trace(tracer)
 
     async def open(self) -> None:
         await self.primary.open()
