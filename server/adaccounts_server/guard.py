@@ -30,7 +30,6 @@ over, the calls still in progress are cut short with UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
 import logging
@@ -164,7 +163,9 @@ class CallGuard:
         """The unary `handler` of `method` (`/pkg.Service/Method`), guarded."""
         behaviour = handler.unary_unary
         assert behaviour is not None, "AdAccountService's methods are all unary"
-        admitted = functools.partial(self._admitted, behaviour)
+
+        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await self._admitted(behaviour, request, context)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata()
