@@ -12,6 +12,7 @@ to install it, rather than skip.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -47,7 +48,8 @@ def via_bouncer(pg: ThrowawayPostgres, pgbouncer: PgBouncer) -> Route:
 
 @pytest.fixture
 def running(via_bouncer: Route) -> Iterator[RunningServer]:
-    server = RunningServer(server_settings(via_bouncer.url))
+    # As docs/deploying.md says to run behind PgBouncer before 1.21 (Debian's is 1.18).
+    server = RunningServer(server_settings(via_bouncer.url, DB_PREPARED_STATEMENTS=False))
     try:
         yield server
     finally:
@@ -242,3 +244,39 @@ def test_statement_timeout_stays_with_its_transaction_behind_pgbouncer(stub, via
         for connection in clients:
             connection.close()
     assert seen == ["0"] * len(clients)
+
+
+def test_prepared_statements_left_on_behind_pgbouncer_fail_no_call(via_bouncer, pgbouncer, json_log):
+    """DB_PREPARED_STATEMENTS left at its default behind PgBouncer 1.18 in transaction mode: the
+    first statement found missing turns them off, with one warning that says what to set, and
+    that read is sent again; no call fails."""
+    server = RunningServer(server_settings(via_bouncer.url, DB_POOL_SIZE=4))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AdAccountServiceStub(channel)
+            account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=5)
+            owner = pb.ListAdAccountsRequest(owner_id=account.owner_id, page_size=10)
+
+            def reads() -> None:  # spread over the pool's connections, and PgBouncer's
+                for _ in range(5):
+                    get = pb.GetAdAccountRequest(id=account.id)
+                    futures = [stub.GetAdAccount.future(get, timeout=5) for _ in range(8)]
+                    futures.append(stub.ListAdAccounts.future(owner, timeout=5))
+                    results = [future.result() for future in futures]
+                    assert results[:-1] == [account] * 8
+                    assert list(results[-1].ad_accounts) == [account]
+
+            reads()
+            # New server connections behind the same client connections: none holds a statement
+            # the server prepared (which server connection a transaction gets is PgBouncer's choice).
+            admin = psycopg.connect(pgbouncer.admin_dsn, autocommit=True)
+            try:
+                admin.execute("RECONNECT")
+            finally:
+                admin.close()
+            reads()
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    warnings = [line for line in lines if "DB_PREPARED_STATEMENTS=false" in line["message"]]
+    assert [line["level"] for line in warnings] == ["WARNING"], warnings

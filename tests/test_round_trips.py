@@ -25,6 +25,9 @@ def logged_server(throwaway_pg: ThrowawayPostgres):
     admin = psycopg.connect(throwaway_pg.dsn, autocommit=True)
     with admin.cursor() as cursor:
         cursor.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
+        # Each line also names its transaction (virtual id): statements sharing one ran as one.
+        cursor.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] %v '")
+        cursor.execute("SELECT pg_reload_conf()")
     marker = psycopg.connect(throwaway_pg.dsn, autocommit=True)  # opened after the ALTER: its markers are logged
     running = RunningServer(
         server_settings(
@@ -41,11 +44,19 @@ def logged_server(throwaway_pg: ThrowawayPostgres):
         marker.close()
         with admin.cursor() as cursor:
             cursor.execute(f'ALTER DATABASE "{throwaway_pg.database}" RESET log_statement')
+            cursor.execute("ALTER SYSTEM RESET log_line_prefix")
+            cursor.execute("SELECT pg_reload_conf()")
         admin.close()
 
 
 def statements_during(pg: ThrowawayPostgres, marker, call) -> list[str]:  # type: ignore[no-untyped-def]
     """The statements other sessions sent while `call()` ran, in order."""
+    return [text for _, text in transactions_during(pg, marker, call)]
+
+
+def transactions_during(pg: ThrowawayPostgres, marker, call) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """(transaction, statement) for each statement other sessions ran while `call()` ran, in
+    order: simple queries as they were sent, prepared statements as "execute: <their SQL>"."""
     start, end = f"rt-start-{uuid.uuid4().hex}", f"rt-end-{uuid.uuid4().hex}"
     with marker.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
@@ -56,8 +67,12 @@ def statements_during(pg: ThrowawayPostgres, marker, call) -> list[str]:  # type
     wait_until(lambda: end in pg.log.read_text(errors="replace"), message="the end marker to reach the log")
     log = pg.log.read_text(errors="replace")
     window = log[log.index(start) : log.index(end)]
-    pattern = re.compile(r"\[(\d+)\] LOG:  statement: (.*)")
-    return [m.group(2) for m in pattern.finditer(window) if int(m.group(1)) != own_pid]
+    pattern = re.compile(r"\[(\d+)\] (?:(\S+) )?LOG:  (?:statement|(execute) [^:]+): (.*)")
+    return [
+        (m.group(2), f"{m.group(3)}: {m.group(4)}" if m.group(3) else m.group(4))
+        for m in pattern.finditer(window)
+        if int(m.group(1)) != own_pid
+    ]
 
 
 def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, throwaway_pg):
@@ -70,17 +85,44 @@ def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, thro
             stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
 
         get()  # the connection was just used: no ping is due
-        busy = statements_during(throwaway_pg, marker, get)
+        busy = transactions_during(throwaway_pg, marker, get)
         time.sleep(0.7)  # deliberately idle past DB_POOL_PRE_PING_IDLE_S: now it is checked first
         idle = statements_during(throwaway_pg, marker, get)
 
     print(f"\n[round trips] busy connection: {busy}\n[round trips] idle connection: {idle}")
-    # One message: no pre-ping, no BEGIN/COMMIT; the call's deadline rides along with the SELECT.
+    # One pipeline (DB_PREPARED_STATEMENTS, on by default): no pre-ping, no BEGIN/COMMIT; the
+    # call's deadline, set in the same transaction, then the SELECT.
+    assert len(busy) == 2, busy
+    (timeout_in, timeout), (select_in, select) = busy
+    assert re.match(r"execute: SELECT set_config\('statement_timeout', \$1, true\)", timeout), busy
+    assert select.startswith("execute: SELECT ad_accounts.id"), busy
+    assert timeout_in == select_in, "the timeout and the read ran in different transactions"
+    # Idle past the threshold: the ping first, then the same pipeline.
+    assert [s.strip().upper() for s in idle[:1]] == ["SELECT 1"], idle
+    assert len(idle) == 3, idle
+
+
+def test_without_prepared_statements_a_point_read_is_one_message(throwaway_pg):
+    """DB_PREPARED_STATEMENTS=false, as behind PgBouncer in transaction mode: the deadline rides
+    along with the SELECT in one simple-query message."""
+    admin = psycopg.connect(throwaway_pg.dsn, autocommit=True)
+    admin.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
+    marker = psycopg.connect(throwaway_pg.dsn, autocommit=True)
+    running = RunningServer(server_settings(throwaway_pg.url, DB_POOL_SIZE=1, DB_PREPARED_STATEMENTS=False))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.AdAccountServiceStub(channel)
+            account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+            busy = statements_during(
+                throwaway_pg, marker, lambda: stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
+            )
+    finally:
+        running.stop()
+        marker.close()
+        admin.execute(f'ALTER DATABASE "{throwaway_pg.database}" RESET log_statement')
+        admin.close()
     assert len(busy) == 1, busy
     assert re.match(r"SET LOCAL statement_timeout = \d+; SELECT ad_accounts\.id", busy[0]), busy
-    # Idle past the threshold: the ping first, then the same single message.
-    assert [s.strip().upper() for s in idle[:1]] == ["SELECT 1"], idle
-    assert len(idle) == 2, idle
 
 
 def test_an_idle_connection_that_is_alive_is_reused(logged_server, throwaway_pg):

@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     DB_POOL_PRE_PING_IDLE_S: Annotated[float, Field(ge=0)] = Field(
         1.0, description="With `DB_POOL_PRE_PING`: how long a connection must have been idle to be pinged first."
     )
+    DB_PREPARED_STATEMENTS: bool = Field(
+        True,
+        description="Reads (Get, BatchGet, List) as server-side prepared statements, pipelined behind their"
+        " `statement_timeout` in one round trip: PostgreSQL plans each once per connection, about a third less"
+        " of its CPU per point read ([decision 0011](decisions/0011-prepared-reads.md)). `false` behind a pooler"
+        " in transaction mode that does not carry prepared statements (PgBouncer before 1.21, or without"
+        " `max_prepared_statements`). Left on there, a worker turns them off at the first statement missing,"
+        " with a warning, and sends that read again: no call fails. Writes never use them.",
+    )
     DB_CONNECT_TIMEOUT: Positive = Field(3, description="TCP connect timeout to PostgreSQL, in whole seconds.")
     DB_STATEMENT_TIMEOUT_MAX_S: Seconds = Field(
         30.0,

@@ -7,10 +7,13 @@ worker processes each own theirs. The repository hands it SQLAlchemy statements
 
 - PostgreSQL (`PostgresDatabase`): psycopg 3's asyncio connections from one
   `psycopg_pool.AsyncConnectionPool` of DB_POOL_SIZE. Each statement is compiled
-  once by SQLAlchemy and sent in the simple-query protocol with its parameters
-  bound client-side, so the call's `SET LOCAL statement_timeout` travels in the
-  same message as the statement (one round trip) and no server-side prepared
-  statement exists that PgBouncer's transaction pooling could lose.
+  once by SQLAlchemy. A write's statements go in the simple-query protocol with
+  their parameters bound client-side, the call's `SET LOCAL statement_timeout` in
+  the same message (one round trip each). A read is, with DB_PREPARED_STATEMENTS,
+  a server-side prepared statement pipelined behind a prepared `set_config` of its
+  statement_timeout (one round trip, and PostgreSQL plans it once per connection);
+  without, it goes like a write's statement, which a pooler in transaction mode
+  that loses prepared statements (PgBouncer before 1.21) needs.
 - SQLite, the zero-setup default (`SqliteDatabase`): SQLAlchemy's asyncio engine
   over aiosqlite, with one connection, so writes never contend for SQLite's lock.
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import hashlib
 import logging
 import re
 import time
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psycopg
 import sqlalchemy as sa
 from psycopg import pq
+from psycopg.adapt import PyFormat
 from psycopg.errors import error_from_result
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg as PsycopgDialect
@@ -71,6 +77,11 @@ CANCEL_WAIT_S = 2.0
 # PostgreSQL's SQLSTATEs: query_canceled (statement_timeout, cancel request), unique_violation.
 QUERY_CANCELED = "57014"
 UNIQUE_VIOLATION = "23505"
+# "prepared statement ... does not exist" (invalid_sql_statement_name), and "already exists".
+# A statement this process prepared on a connection, missing from it: a pooler in transaction
+# mode lent the connection's transactions to different server connections (PgBouncer before 1.21).
+PREPARED_STATEMENT_MISSING = "26000"
+DUPLICATE_PREPARED_STATEMENT = "42P05"
 
 
 # --- what goes wrong, in the database's own terms (errors.py maps these to statuses) ---------
@@ -254,6 +265,19 @@ def open_database(settings: Settings) -> Database:
 # --- PostgreSQL: psycopg 3 and its pool -----------------------------------------------------------
 
 
+class _Prepared(NamedTuple):
+    """A statement as a server-side prepared statement: named after its SQL, so that a
+    connection holding one of that name holds this SQL."""
+
+    name: bytes
+    sql: bytes  # with $1, $2, ... placeholders
+    parameters: tuple[str, ...]  # the parameter of each $n, in order
+
+
+def _prepared(sql: bytes, parameters: tuple[str, ...] = ()) -> _Prepared:
+    return _Prepared(b"adaccounts_" + hashlib.blake2b(sql, digest_size=8).hexdigest().encode(), sql, parameters)
+
+
 class _Compiled(NamedTuple):
     """A statement compiled once: its SQL cut at the placeholders, and how to make its rows."""
 
@@ -261,6 +285,7 @@ class _Compiled(NamedTuple):
     texts: tuple[bytes, ...]  # the SQL between the placeholders (one more than names)
     names: tuple[str, ...]  # the parameters, in order of appearance
     make_row: Callable[[Sequence[Any]], Row] | None  # None: the statement returns no rows
+    prepared: _Prepared
 
     def render(self, transformer: PgTransformer, parameters: dict[str, Any] | None) -> bytes:
         """The SQL with each parameter bound client-side as a literal (psycopg's quoting)."""
@@ -273,22 +298,37 @@ class _Compiled(NamedTuple):
             parts.append(text)
         return b"".join(parts)
 
+    def values(self, transformer: PgTransformer, parameters: dict[str, Any] | None) -> list[bytes | None]:
+        """The prepared statement's parameters, in PostgreSQL's text format."""
+        if not self.prepared.parameters:
+            return []
+        assert parameters is not None
+        return [_text(transformer, parameters[name]) for name in self.prepared.parameters]
+
 
 def _compiled(sql: str, make_row: Callable[[Sequence[Any]], Row] | None) -> _Compiled:
     pieces = _PLACEHOLDER.split(sql)  # text, name, text, name, ..., text
     texts = tuple(text.replace("%%", "%").encode() for text in pieces[0::2])
-    return _Compiled(sql, texts, tuple(pieces[1::2]), make_row)
+    names = tuple(pieces[1::2])
+    numbered = tuple(dict.fromkeys(names))  # a parameter used twice is one $n
+    dollars = b"".join(b"$%d%s" % (numbered.index(name) + 1, text) for name, text in zip(names, texts[1:], strict=True))
+    return _Compiled(sql, texts, names, make_row, _prepared(texts[0] + dollars, numbered))
 
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 
 
 # The WAL position of the state a statement saw, asked in the same message after it: on the
 # primary, everything committed so far; on a standby, everything replayed so far.
 PRIMARY_POSITION = b"SELECT pg_current_wal_insert_lsn()"
 STANDBY_POSITION = b"SELECT pg_last_wal_replay_lsn()"
+# A prepared read's statement_timeout: set_config's third argument makes it SET LOCAL, and the
+# pipeline's one Sync makes the read and this one implicit transaction.
+_SET_STATEMENT_TIMEOUT = _prepared(b"SELECT set_config('statement_timeout', $1, true)", ("timeout_ms",))
 
 
 class PostgresDatabase(Database):
@@ -311,6 +351,9 @@ class PostgresDatabase(Database):
         # psycopg's adaptation context of each connection: parameters to literals, text to values.
         self._transformers: weakref.WeakKeyDictionary[PgConnection, PgTransformer] = weakref.WeakKeyDictionary()
         self._ping_idle_s = settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None
+        # Reads as prepared statements (DB_PREPARED_STATEMENTS), and which each connection holds.
+        self.prepares = settings.DB_PREPARED_STATEMENTS
+        self._prepared_on: weakref.WeakKeyDictionary[PgConnection, set[bytes]] = weakref.WeakKeyDictionary()
         self._connect_timeout = settings.DB_CONNECT_TIMEOUT
         self._conninfo_kwargs = libpq_parameters(self.url, settings.DB_CONNECT_TIMEOUT)
         self._pool = AsyncConnectionPool(
@@ -353,6 +396,7 @@ class PostgresDatabase(Database):
     async def _configure(self, connection: PgConnection) -> None:
         self._idle_since[connection] = time.monotonic()
         self._transformers[connection] = psycopg.adapt.Transformer(connection)
+        self._prepared_on[connection] = set()
 
     async def _check(self, connection: PgConnection) -> None:
         """The pool's check on lending: a round trip only for a connection idle longer than
@@ -406,28 +450,34 @@ class PostgresDatabase(Database):
         *,
         begin: bool = False,
         position: bytes | None = None,
+        prepared: bool = False,
     ) -> tuple[list[Row], int | None]:
-        """The statement's rows, in one message with the call's statement_timeout; with
+        """The statement's rows, in one round trip with the call's statement_timeout; with
         `begin`, the message also opens a transaction and the second value is its id; with a
-        `position` query, the message ends with it and `scope` learns the position."""
+        `position` query, the message ends with it and `scope` learns the position; `prepared`
+        (a lone read), as prepared statements when DB_PREPARED_STATEMENTS allows."""
         compiled = self._compile(statement)
         timeout_ms = self.timeout_ms(scope)
         transformer = self._transformers[connection]
-        # SET LOCAL binds to the transaction, explicit or the implicit one of a
-        # multi-statement message: the timeout covers this statement and ends with it.
-        sql = b"".join(
-            (
-                b"BEGIN; SELECT txid_current(); " if begin else b"",
-                b"SET LOCAL statement_timeout = %d; " % timeout_ms,
-                compiled.render(transformer, parameters),
-                b"; " + position if position else b"",
-            )
-        )
         # A replica gets no grace: a stalled one costs the read its replica budget, not more.
         grace = 0.0 if self.is_replica else ANSWER_GRACE_S
         with self._span(compiled.sql):
             async with asyncio.timeout(timeout_ms / 1000 + grace):
-                results = await _exchange(connection, sql, stop=not self.is_replica)
+                results = None
+                if prepared and self.prepares:
+                    results = await self._pipeline(connection, compiled, parameters, timeout_ms, position)
+                if results is None:
+                    # SET LOCAL binds to the transaction, explicit or the implicit one of a
+                    # multi-statement message: the timeout covers this statement and ends with it.
+                    sql = b"".join(
+                        (
+                            b"BEGIN; SELECT txid_current(); " if begin else b"",
+                            b"SET LOCAL statement_timeout = %d; " % timeout_ms,
+                            compiled.render(transformer, parameters),
+                            b"; " + position if position else b"",
+                        )
+                    )
+                    results = await _exchange(connection, sql, stop=not self.is_replica)
         xid = int(results[1].get_value(0, 0)) if begin else None  # type: ignore[arg-type]
         if position:
             scope.saw(parse_lsn(results[-1].get_value(0, 0)))
@@ -437,6 +487,44 @@ class PostgresDatabase(Database):
             return [], xid
         transformer.set_pgresult(last)
         return transformer.load_rows(0, last.ntuples, compiled.make_row), xid
+
+    async def _pipeline(
+        self,
+        connection: PgConnection,
+        compiled: _Compiled,
+        parameters: dict[str, Any] | None,
+        timeout_ms: int,
+        position: bytes | None,
+    ) -> list[PGresult] | None:
+        """A read's results as `_round_trip` sends it without prepared statements (the
+        set_config's in place of SET LOCAL's); None when it must be sent so after all."""
+        steps: list[tuple[_Prepared, Sequence[bytes | None]]] = [
+            (_SET_STATEMENT_TIMEOUT, [b"%d" % timeout_ms]),
+            (compiled.prepared, compiled.values(self._transformers[connection], parameters)),
+        ]
+        if position:
+            steps.append((_position_statement(position), []))
+        try:
+            return await _exchange_prepared(connection, steps, self._prepared_on[connection], stop=not self.is_replica)
+        except psycopg.Error as error:
+            if error.sqlstate == PREPARED_STATEMENT_MISSING:
+                self._stop_preparing()
+                return None
+            if error.sqlstate == DUPLICATE_PREPARED_STATEMENT:
+                return None  # prepared by a read cut short (or, behind a pooler, another client): now known
+            raise
+
+    def _stop_preparing(self) -> None:
+        """A statement prepared on a connection was missing from it: the connection's
+        transactions reach different server connections (a pooler in transaction mode). From
+        now on this process's reads go as simple queries; the read at hand is sent again so."""
+        if self.prepares:
+            self.prepares = False
+            log.warning(
+                "%s: a statement prepared on a connection was missing from it: a pooler in transaction"
+                " mode? Reads go without prepared statements from now on; set DB_PREPARED_STATEMENTS=false",
+                self._name,
+            )
 
     async def _commit_status(self, xid: int, scope: CallScope) -> str | None:
         """'committed' or 'aborted' (PostgreSQL's txid_status), asked on another connection
@@ -480,7 +568,9 @@ class PostgresDatabase(Database):
         retried on the replica: replicas.py asks the primary instead)."""
         connection = await self._getconn()  # not _connection(): a read is the hot path
         try:
-            rows, _ = await self._round_trip(connection, statement, parameters, scope, position=self.position_query)
+            rows, _ = await self._round_trip(
+                connection, statement, parameters, scope, position=self.position_query, prepared=True
+            )
             return rows
         except Exception as error:
             translated = await self._translate(error, connection)
@@ -679,30 +769,94 @@ async def _exchange(connection: PgConnection, sql: bytes, *, stop: bool = True) 
     This is what psycopg's cursor does for a query, on its documented libpq layer
     (`connection.pgconn`) without the cursor: the cursor costs twice the event loop's CPU per
     round trip (bench/round_trip_cost.py: ~80-100 us against ~40 us on the development machine)."""
+    connection.pgconn.send_query(sql)
+    results = await _gather(connection, stop=stop)
+    _raise_error(connection, results)
+    return results
+
+
+async def _gather(connection: PgConnection, *, stop: bool) -> list[PGresult]:
+    """Send what is queued on the connection and gather its results (see _exchange)."""
     pgconn = connection.pgconn
-    pgconn.send_query(sql)
     try:
         while pgconn.flush():  # a nonblocking connection may not have sent it all yet
             await _ready(pgconn.socket, write=True)
-        results = await _results(pgconn)
+        return await _results(pgconn)
     except BaseException as error:
         if stop and not (isinstance(error, psycopg.Error) and connection.closed):
             await _stop_statement(connection)
         raise
+
+
+def _sqlstate(result: PGresult) -> str | None:
+    code = result.error_field(pq.DiagnosticField.SQLSTATE)
+    return code.decode() if code else None
+
+
+def _raise_error(connection: PgConnection, results: list[PGresult]) -> None:
     for result in results:
         if result.status == _FATAL_ERROR:
             raise error_from_result(result, encoding=connection.info.encoding)
-    return results
+
+
+async def _exchange_prepared(
+    connection: PgConnection,
+    steps: Sequence[tuple[_Prepared, Sequence[bytes | None]]],
+    known: set[bytes],
+    *,
+    stop: bool,
+) -> list[PGresult]:
+    """`_exchange` for prepared statements: one pipeline (one round trip, one implicit
+    transaction) executing each statement with its parameters, and first preparing those
+    the connection does not hold yet (`known`, which learns them). Its results are the
+    executions', in order."""
+    pgconn = connection.pgconn
+    pgconn.enter_pipeline_mode()
+    preparing: list[bytes | None] = []  # for each result to come: the name it prepares, or None
+    for statement, values in steps:
+        if statement.name not in known:
+            pgconn.send_prepare(statement.name, statement.sql)
+            preparing.append(statement.name)
+        pgconn.send_query_prepared(statement.name, values)
+        preparing.append(None)
+    pgconn.pipeline_sync()
+    results = await _gather(connection, stop=stop)
+    executions = []
+    for result, name in zip(results, preparing, strict=True):
+        if name is None:
+            executions.append(result)
+        elif result.status == _COMMAND_OK or _sqlstate(result) == DUPLICATE_PREPARED_STATEMENT:
+            known.add(name)  # prepared now (or before, by a pipeline cut short): it stays
+    _raise_error(connection, results)
+    return executions
 
 
 async def _results(pgconn: PGconn) -> list[PGresult]:
-    """Every result of the message in progress, until libpq has none left."""
+    """Every result of the message in progress, until libpq has none left; in pipeline mode,
+    until the pipeline's Sync, and the connection then leaves pipeline mode."""
+    if pgconn.pipeline_status:
+        return await _pipeline_results(pgconn)
     results: list[PGresult] = []
     while True:
         pgconn.consume_input()
         while not pgconn.is_busy():
             result = pgconn.get_result()
             if result is None:
+                return results
+            results.append(result)
+        await _ready(pgconn.socket)
+
+
+async def _pipeline_results(pgconn: PGconn) -> list[PGresult]:
+    results: list[PGresult] = []
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                continue  # the end of one statement's results
+            if result.status == _PIPELINE_SYNC:
+                pgconn.exit_pipeline_mode()
                 return results
             results.append(result)
         await _ready(pgconn.socket)
@@ -784,6 +938,25 @@ def _literal(transformer: PgTransformer, value: Any) -> bytes:
     if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
         return b"'{%s}'::uuid[]" % ",".join([item.hex for item in value]).encode()
     return transformer.as_literal(_db_value(value))
+
+
+def _text(transformer: PgTransformer, value: Any) -> bytes | None:
+    """`value` in PostgreSQL's text format, for a prepared statement's parameter (the same
+    shortcut as `_literal` for a list of UUIDs)."""
+    if value is None:
+        return None
+    if type(value) is uuid.UUID:
+        return str(value).encode()
+    if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
+        return b"{%s}" % ",".join([item.hex for item in value]).encode()
+    value = _db_value(value)
+    dumped = transformer.get_dumper(value, PyFormat.TEXT).dump(value)
+    return None if dumped is None else bytes(dumped)
+
+
+@functools.cache
+def _position_statement(sql: bytes) -> _Prepared:
+    return _prepared(sql)
 
 
 def _db_value(value: Any) -> Any:
