@@ -832,30 +832,20 @@ async def _exchange_prepared(
 
 
 async def _results(pgconn: PGconn) -> list[PGresult]:
-    """Every result of the message in progress, until libpq has none left; in pipeline mode,
-    until the pipeline's Sync, and the connection then leaves pipeline mode."""
-    if pgconn.pipeline_status:
-        return await _pipeline_results(pgconn)
+    """Every result of the message in progress, until libpq has none left; in pipeline mode
+    (where a None only ends one statement's results), until the pipeline's Sync, and the
+    connection then leaves pipeline mode."""
+    pipeline = bool(pgconn.pipeline_status)
     results: list[PGresult] = []
     while True:
         pgconn.consume_input()
         while not pgconn.is_busy():
             result = pgconn.get_result()
             if result is None:
+                if pipeline:
+                    continue
                 return results
-            results.append(result)
-        await _ready(pgconn.socket)
-
-
-async def _pipeline_results(pgconn: PGconn) -> list[PGresult]:
-    results: list[PGresult] = []
-    while True:
-        pgconn.consume_input()
-        while not pgconn.is_busy():
-            result = pgconn.get_result()
-            if result is None:
-                continue  # the end of one statement's results
-            if result.status == _PIPELINE_SYNC:
+            if pipeline and result.status == _PIPELINE_SYNC:
                 pgconn.exit_pipeline_mode()
                 return results
             results.append(result)
