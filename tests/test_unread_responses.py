@@ -148,9 +148,10 @@ def test_a_caller_that_stops_reading_holds_bounded_memory_released_when_it_goes(
     figures = ", ".join(f"+{megabytes:.0f} MB" for megabytes in held)
     print(f"\n[unread responses] server RSS after each of three stalled callers: {figures}")
     # Bounded, and reused rather than kept per caller: once the allocator's arenas hold what one
-    # stalled caller costs (how much the first leaves behind varies), another adds (nearly) nothing.
+    # stalled caller costs (how much each leaves behind varies: +61, +32, +62 MB in one loaded
+    # run), the third adds (nearly) nothing to the most the first two left.
     assert max(held) < HELD_BOUND_MB
-    assert held[2] - held[1] < GROWTH_BOUND_MB
+    assert held[2] - max(held[:2]) < GROWTH_BOUND_MB
     with grpc.insecure_channel(target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
