@@ -35,6 +35,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
@@ -331,6 +332,15 @@ STANDBY_POSITION = b"SELECT pg_last_wal_replay_lsn()"
 _SET_STATEMENT_TIMEOUT = _prepared(b"SELECT set_config('statement_timeout', $1, true)", ("timeout_ms",))
 
 
+@dataclass(slots=True)
+class _Session:
+    """What the service keeps about one pooled connection."""
+
+    transformer: PgTransformer  # psycopg's adaptation context: parameters to literals, text to values
+    prepared: set[bytes] = field(default_factory=set)  # the statements prepared on it, by name
+    idle_since: float = field(default_factory=time.monotonic)  # when it was last given back
+
+
 class PostgresDatabase(Database):
     """One PostgreSQL server: the primary (DATABASE_URL), or a read replica (replicas.py),
     which a `role` of "replica-N" marks: its reads give up at their budget without waiting
@@ -347,13 +357,9 @@ class PostgresDatabase(Database):
         self.position_query: bytes | None = None
         self._dialect = PsycopgDialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are unannotated
         self._compiled: dict[sa.Executable, _Compiled] = {}
-        self._idle_since: weakref.WeakKeyDictionary[PgConnection, float] = weakref.WeakKeyDictionary()
-        # psycopg's adaptation context of each connection: parameters to literals, text to values.
-        self._transformers: weakref.WeakKeyDictionary[PgConnection, PgTransformer] = weakref.WeakKeyDictionary()
+        self._sessions: weakref.WeakKeyDictionary[PgConnection, _Session] = weakref.WeakKeyDictionary()
         self._ping_idle_s = settings.DB_POOL_PRE_PING_IDLE_S if settings.DB_POOL_PRE_PING else None
-        # Reads as prepared statements (DB_PREPARED_STATEMENTS), and which each connection holds.
-        self.prepares = settings.DB_PREPARED_STATEMENTS
-        self._prepared_on: weakref.WeakKeyDictionary[PgConnection, set[bytes]] = weakref.WeakKeyDictionary()
+        self.prepares = settings.DB_PREPARED_STATEMENTS  # reads as prepared statements, until a pooler says no
         self._connect_timeout = settings.DB_CONNECT_TIMEOUT
         self._conninfo_kwargs = libpq_parameters(self.url, settings.DB_CONNECT_TIMEOUT)
         self._pool = AsyncConnectionPool(
@@ -394,9 +400,7 @@ class PostgresDatabase(Database):
     # --- lending -------------------------------------------------------------------------------
 
     async def _configure(self, connection: PgConnection) -> None:
-        self._idle_since[connection] = time.monotonic()
-        self._transformers[connection] = psycopg.adapt.Transformer(connection)
-        self._prepared_on[connection] = set()
+        self._sessions[connection] = _Session(psycopg.adapt.Transformer(connection))
 
     async def _check(self, connection: PgConnection) -> None:
         """The pool's check on lending: a round trip only for a connection idle longer than
@@ -405,7 +409,8 @@ class PostgresDatabase(Database):
         connection is then replaced (drain), and reads are retried once."""
         if self._ping_idle_s is None:
             return
-        if time.monotonic() - self._idle_since.get(connection, 0.0) < self._ping_idle_s:
+        session = self._sessions.get(connection)
+        if session is not None and time.monotonic() - session.idle_since < self._ping_idle_s:
             return
         async with asyncio.timeout(self._connect_timeout):
             await _exchange(connection, b"SELECT 1", stop=not self.is_replica)
@@ -419,7 +424,9 @@ class PostgresDatabase(Database):
             raise Busy(f"no database connection became free within {self._pool.timeout:g} s") from error
 
     async def _putconn(self, connection: PgConnection) -> None:
-        self._idle_since[connection] = time.monotonic()
+        session = self._sessions.get(connection)
+        if session is not None:
+            session.idle_since = time.monotonic()
         await self._pool.putconn(connection)
 
     @asynccontextmanager
@@ -458,14 +465,15 @@ class PostgresDatabase(Database):
         (a lone read), as prepared statements when DB_PREPARED_STATEMENTS allows."""
         compiled = self._compile(statement)
         timeout_ms = self.timeout_ms(scope)
-        transformer = self._transformers[connection]
+        session = self._sessions[connection]
+        transformer = session.transformer
         # A replica gets no grace: a stalled one costs the read its replica budget, not more.
         grace = 0.0 if self.is_replica else ANSWER_GRACE_S
         with self._span(compiled.sql):
             async with asyncio.timeout(timeout_ms / 1000 + grace):
                 results = None
                 if prepared and self.prepares:
-                    results = await self._pipeline(connection, compiled, parameters, timeout_ms, position)
+                    results = await self._pipeline(connection, session, compiled, parameters, timeout_ms, position)
                 if results is None:
                     # SET LOCAL binds to the transaction, explicit or the implicit one of a
                     # multi-statement message: the timeout covers this statement and ends with it.
@@ -491,6 +499,7 @@ class PostgresDatabase(Database):
     async def _pipeline(
         self,
         connection: PgConnection,
+        session: _Session,
         compiled: _Compiled,
         parameters: dict[str, Any] | None,
         timeout_ms: int,
@@ -500,12 +509,12 @@ class PostgresDatabase(Database):
         set_config's in place of SET LOCAL's); None when it must be sent so after all."""
         steps: list[tuple[_Prepared, Sequence[bytes | None]]] = [
             (_SET_STATEMENT_TIMEOUT, [b"%d" % timeout_ms]),
-            (compiled.prepared, compiled.values(self._transformers[connection], parameters)),
+            (compiled.prepared, compiled.values(session.transformer, parameters)),
         ]
         if position:
             steps.append((_position_statement(position), []))
         try:
-            return await _exchange_prepared(connection, steps, self._prepared_on[connection], stop=not self.is_replica)
+            return await _exchange_prepared(connection, steps, session.prepared, stop=not self.is_replica)
         except psycopg.Error as error:
             if error.sqlstate == PREPARED_STATEMENT_MISSING:
                 self._stop_preparing()
@@ -925,8 +934,9 @@ def _literal(transformer: PgTransformer, value: Any) -> bytes:
     """`value` as an SQL literal: psycopg's, but a list of UUIDs (BatchGet's ids) is written
     here, as psycopg writes it, without its array dumper's quoting item by item: a UUID's hex
     never needs quoting (docs/decisions/0010)."""
-    if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
-        return b"'{%s}'::uuid[]" % ",".join([item.hex for item in value]).encode()
+    array = _uuid_array(value)
+    if array is not None:
+        return b"'%s'::uuid[]" % array
     return transformer.as_literal(_db_value(value))
 
 
@@ -937,11 +947,19 @@ def _text(transformer: PgTransformer, value: Any) -> bytes | None:
         return None
     if type(value) is uuid.UUID:
         return str(value).encode()
-    if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
-        return b"{%s}" % ",".join([item.hex for item in value]).encode()
+    array = _uuid_array(value)
+    if array is not None:
+        return array
     value = _db_value(value)
     dumped = transformer.get_dumper(value, PyFormat.TEXT).dump(value)
     return None if dumped is None else bytes(dumped)
+
+
+def _uuid_array(value: Any) -> bytes | None:
+    """A non-empty list of UUIDs as PostgreSQL's array text, `{<hex>,<hex>,…}`; None for anything else."""
+    if type(value) is list and value and all(type(item) is uuid.UUID for item in value):
+        return b"{%s}" % ",".join([item.hex for item in value]).encode()
+    return None
 
 
 @functools.cache
