@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 from loadgen import Job, LoadProcesses
-from replicas import PAGE_TOKEN_SECRET, cluster_cpu_s, median, serving
+from replicas import PAGE_TOKEN_SECRET, WindowCpu, cluster_cpu_s, median, serving
 from revision import working_tree
 from run import Figures, Server
 
@@ -68,26 +68,6 @@ def process_tree_cpu_s(pid: int) -> float:
             times = process.cpu_times()
             total += times.user + times.system
     return total
-
-
-class WindowCpu:
-    """The CPU each named process tree spends between two wall-clock instants."""
-
-    def __init__(self, readers: dict[str, object], start_at: float, end_at: float) -> None:
-        self.readers = readers
-        self.spent: dict[str, float] = {}
-        self._thread = threading.Thread(target=self._sample, args=(start_at, end_at), daemon=True)
-        self._thread.start()
-
-    def _sample(self, start_at: float, end_at: float) -> None:
-        time.sleep(max(0.0, start_at - time.time()))
-        start = {name: read() for name, read in self.readers.items()}  # type: ignore[operator]
-        time.sleep(max(0.0, end_at - time.time()))
-        self.spent = {name: read() - start[name] for name, read in self.readers.items()}  # type: ignore[operator]
-
-    def result(self) -> dict[str, float]:
-        self._thread.join(30)
-        return self.spent
 
 
 @dataclass
@@ -164,8 +144,8 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: contextlib.ExitStack) 
                 )
                 measured_from = job.start_at + job.warmup_s
                 readers = {
-                    "postgres": lambda: cluster_cpu_s(postmaster),
-                    "server": lambda side=side: process_tree_cpu_s(side.server.process.pid),
+                    "postgres": functools.partial(cluster_cpu_s, postmaster),
+                    "server": functools.partial(process_tree_cpu_s, side.server.process.pid),
                 }
                 cpu = WindowCpu(readers, measured_from, measured_from + job.duration_s)
                 outcome = load.run(job)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,20 +86,20 @@ def cluster_cpu_s(postmaster: int | None) -> float:
 
 
 class WindowCpu:
-    """The CPU each cluster spends between two wall-clock instants (the load's measured window)."""
+    """The CPU seconds each reader counts between two wall-clock instants (a load's measured
+    window); a reader is a callable giving a process's (or a cluster's) CPU seconds so far."""
 
-    def __init__(self, postmasters: dict[str, int | None], start_at: float, end_at: float) -> None:
-        self.postmasters = postmasters
-        self.start: dict[str, float] = {}
+    def __init__(self, readers: dict[str, Callable[[], float]], start_at: float, end_at: float) -> None:
+        self.readers = readers
         self.spent: dict[str, float] = {}
         self._thread = threading.Thread(target=self._sample, args=(start_at, end_at), daemon=True)
         self._thread.start()
 
     def _sample(self, start_at: float, end_at: float) -> None:
         time.sleep(max(0.0, start_at - time.time()))
-        self.start = {name: cluster_cpu_s(pid) for name, pid in self.postmasters.items()}
+        start = {name: read() for name, read in self.readers.items()}
         time.sleep(max(0.0, end_at - time.time()))
-        self.spent = {name: cluster_cpu_s(pid) - self.start[name] for name, pid in self.postmasters.items()}
+        self.spent = {name: read() - start[name] for name, read in self.readers.items()}
 
     def result(self) -> dict[str, float]:
         self._thread.join(30)
@@ -230,7 +232,8 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: contextlib.ExitStack) 
                 ids=ids,
             )
             measured_from = job.start_at + job.warmup_s
-            cpu = WindowCpu(postmasters, measured_from, measured_from + job.duration_s)
+            readers = {name: functools.partial(cluster_cpu_s, pid) for name, pid in postmasters.items()}
+            cpu = WindowCpu(readers, measured_from, measured_from + job.duration_s)
             outcome = load.run(job)
             spent = cpu.result()
             figures = Figures.of(outcome, job.duration_s)
