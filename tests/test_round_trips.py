@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import psycopg
@@ -19,34 +21,39 @@ from helpers.server import RunningServer
 from helpers.settings import server_settings
 
 
-@pytest.fixture
-def logged_server(throwaway_pg: ThrowawayPostgres):
-    """A one-connection server whose every statement the throwaway PostgreSQL logs."""
-    admin = psycopg.connect(throwaway_pg.dsn, autocommit=True)
+@contextmanager
+def logged(pg: ThrowawayPostgres, **settings: object) -> Iterator[tuple[RunningServer, psycopg.Connection]]:
+    """A one-connection server whose every statement the throwaway PostgreSQL logs, and a
+    connection for markers in that log (`settings`: the server's, over these defaults)."""
+    admin = psycopg.connect(pg.dsn, autocommit=True)
     with admin.cursor() as cursor:
-        cursor.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
+        cursor.execute(f"ALTER DATABASE \"{pg.database}\" SET log_statement = 'all'")
         # Each line also names its transaction (virtual id): statements sharing one ran as one.
         cursor.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] %v '")
         cursor.execute("SELECT pg_reload_conf()")
-    marker = psycopg.connect(throwaway_pg.dsn, autocommit=True)  # opened after the ALTER: its markers are logged
-    running = RunningServer(
-        server_settings(
-            throwaway_pg.url,
-            DB_POOL_SIZE=1,
-            HEALTH_CHECK_INTERVAL_S=3600,  # one ping at start, then quiet
-            DB_POOL_PRE_PING_IDLE_S=0.5,
-        )
-    )
+    marker = psycopg.connect(pg.dsn, autocommit=True)  # opened after the ALTER: its markers are logged
+    defaults: dict[str, object] = {
+        "DB_POOL_SIZE": 1,
+        "HEALTH_CHECK_INTERVAL_S": 3600,  # one ping at start, then quiet
+        "DB_POOL_PRE_PING_IDLE_S": 0.5,
+    }
+    running = RunningServer(server_settings(pg.url, **{**defaults, **settings}))
     try:
         yield running, marker
     finally:
         running.stop()
         marker.close()
         with admin.cursor() as cursor:
-            cursor.execute(f'ALTER DATABASE "{throwaway_pg.database}" RESET log_statement')
+            cursor.execute(f'ALTER DATABASE "{pg.database}" RESET log_statement')
             cursor.execute("ALTER SYSTEM RESET log_line_prefix")
             cursor.execute("SELECT pg_reload_conf()")
         admin.close()
+
+
+@pytest.fixture
+def logged_server(throwaway_pg: ThrowawayPostgres) -> Iterator[tuple[RunningServer, psycopg.Connection]]:
+    with logged(throwaway_pg) as running_and_marker:
+        yield running_and_marker
 
 
 def statements_during(pg: ThrowawayPostgres, marker, call) -> list[str]:  # type: ignore[no-untyped-def]
@@ -105,22 +112,15 @@ def test_a_point_read_on_a_busy_connection_is_not_pre_pinged(logged_server, thro
 def test_without_prepared_statements_a_point_read_is_one_message(throwaway_pg):
     """DB_PREPARED_STATEMENTS=false, as behind PgBouncer in transaction mode: the deadline rides
     along with the SELECT in one simple-query message."""
-    admin = psycopg.connect(throwaway_pg.dsn, autocommit=True)
-    admin.execute(f"ALTER DATABASE \"{throwaway_pg.database}\" SET log_statement = 'all'")
-    marker = psycopg.connect(throwaway_pg.dsn, autocommit=True)
-    running = RunningServer(server_settings(throwaway_pg.url, DB_POOL_SIZE=1, DB_PREPARED_STATEMENTS=False))
-    try:
-        with grpc.insecure_channel(running.target) as channel:
-            stub = pb_grpc.AdAccountServiceStub(channel)
-            account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
-            busy = statements_during(
-                throwaway_pg, marker, lambda: stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
-            )
-    finally:
-        running.stop()
-        marker.close()
-        admin.execute(f'ALTER DATABASE "{throwaway_pg.database}" RESET log_statement')
-        admin.close()
+    with (
+        logged(throwaway_pg, DB_PREPARED_STATEMENTS=False) as (running, marker),
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        stub = pb_grpc.AdAccountServiceStub(channel)
+        account = stub.CreateAdAccount(pb.CreateAdAccountRequest(ad_account=new_account()), timeout=10)
+        busy = statements_during(
+            throwaway_pg, marker, lambda: stub.GetAdAccount(pb.GetAdAccountRequest(id=account.id), timeout=10)
+        )
     assert len(busy) == 1, busy
     assert re.match(r"SET LOCAL statement_timeout = \d+; SELECT ad_accounts\.id", busy[0]), busy
 
