@@ -315,18 +315,28 @@ def _log(
     error_id = errors.error_id.get() if code == grpc.StatusCode.INTERNAL else None
     if error_id:
         fields["error_id"] = error_id
-    rpc_log.log(
+    # Made and handed to the handlers directly: Logger.log would first walk the stack for the
+    # file and line of the call, which no log line prints, once per call (docs/benchmarks.md).
+    record = rpc_log.makeRecord(
+        rpc_log.name,
         level,
+        __file__,
+        0,
         "%s %s %.1f ms caller=%s peer=%s request_id=%s%s",
-        method,
-        code.name,
-        seconds * 1000,
-        fields["caller"],
-        fields["peer"],
-        rid,
-        f" error_id={error_id}" if error_id else "",
-        extra={"rpc": fields},
+        (
+            method,
+            code.name,
+            seconds * 1000,
+            fields["caller"],
+            fields["peer"],
+            rid,
+            f" error_id={error_id}" if error_id else "",
+        ),
+        None,
+        "_log",
+        {"rpc": fields},
     )
+    rpc_log.handle(record)
 
 
 def _request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
