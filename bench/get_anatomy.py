@@ -23,21 +23,18 @@ import argparse
 import contextlib
 import functools
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import psycopg
 from h2load import H2load
 from h2load import installed as h2load_installed
+from harness import bench_workdir, exit_with, seed_accounts, server_env
 from prepared_reads import process_tree_cpu_s
-from replicas import PAGE_TOKEN_SECRET, WindowCpu, cluster_cpu_s, median, serving
+from replicas import WindowCpu, cluster_cpu_s, median, serving
 from revision import working_tree
 from run import Server
 
@@ -45,7 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/ is not a package; tests/helpers is
 from helpers.pg_instance import ThrowawayPostgres  # noqa: E402
 from helpers.ports import free_port  # noqa: E402
-from helpers.settings import without_settings  # noqa: E402
 
 IN_FLIGHT = 64
 CONNECTIONS = 16
@@ -82,24 +78,9 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: contextlib.ExitStack) 
     cleanup.callback(pg.cleanup)
     pg.start()
     tree = working_tree(ROOT)
-    env = without_settings(dict(os.environ))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
-    env.update(
-        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{pg.port}/{pg.database}",
-        PAGE_TOKEN_SECRET=PAGE_TOKEN_SECRET,
-        LOG_LEVEL="WARNING",
-        GRPC_HOST="127.0.0.1",
-        SHUTDOWN_GRACE_S="2",
-    )
+    env = server_env(f"postgresql://postgres@127.0.0.1:{pg.port}/{pg.database}")
     subprocess.run(tree.cli("migrate"), env=env, cwd=workdir, check=True, capture_output=True)
-    with psycopg.connect(pg.dsn, autocommit=True) as connection:
-        connection.execute(
-            "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
-            " status, create_time, update_time, version)"
-            " SELECT gen_random_uuid(), gen_random_uuid(), 'META', 'ext_' || i, 'Account ' || i, 'EUR',"
-            " 'Europe/Paris', 'ACTIVE', now(), now(), 1 FROM generate_series(1, 1000) AS i"
-        )
-        (account_id,) = connection.execute("SELECT id::text FROM ad_accounts LIMIT 1").fetchone()  # type: ignore[misc]
+    account_id = seed_accounts(pg.dsn, 1000)[0]
 
     python = sys.executable
     serve_options = ["--host", "127.0.0.1", "--workers", "1"]
@@ -176,20 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be positive and --rounds at least 1")
     if not h2load_installed():
         parser.error("needs h2load (Debian's nghttp2-client)")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.monotonic()
-    with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix="adaccounts-bench-anatomy-"))
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with bench_workdir("adaccounts-bench-anatomy-") as (workdir, cleanup):
         sides = run(args, workdir, cleanup)
     print(render(sides, args, time.monotonic() - started), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("[bench] interrupted: everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

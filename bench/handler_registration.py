@@ -34,20 +34,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 from h2load import H2load
 from h2load import installed as h2load_installed
+from harness import bench_workdir, exit_with
 from run import ROOT, Bench, Figures, Profile, Server, _echo_answers, _grpc_serving, free_port
 from serve_with_handlers import marker
 
@@ -226,15 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=seconds,
     )
 
-    # Ctrl-C (even when started in the background, where SIGINT is inherited ignored) and
-    # SIGTERM both unwind through the cleanup below, as in run.py.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.monotonic()
     load_before = os.getloadavg()[0]
-    with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix="adaccounts-handlers-"))
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with bench_workdir("adaccounts-handlers-") as (workdir, cleanup):
         # run.py's Bench: the throwaway PostgreSQL, its seeding, the servers' environment, h2load.
         bench = Bench(SimpleNamespace(threads=None, set=[]), profile, workdir, cleanup)
         bench.start_database()
@@ -277,8 +268,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("[bench] interrupted: everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

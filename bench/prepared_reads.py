@@ -23,18 +23,16 @@ import argparse
 import contextlib
 import functools
 import os
-import shutil
-import signal
+import random
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
+from harness import bench_workdir, exit_with, seed_accounts, server_env
 from loadgen import Job, LoadProcesses
-from replicas import PAGE_TOKEN_SECRET, WindowCpu, cluster_cpu_s, median, serving
+from replicas import WindowCpu, cluster_cpu_s, median, serving
 from revision import working_tree
 from run import Figures, Server
 
@@ -42,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/ is not a package; tests/helpers is
 from helpers.pg_instance import ThrowawayPostgres  # noqa: E402
 from helpers.ports import free_port  # noqa: E402
-from helpers.settings import without_settings  # noqa: E402
 
 SIDES = ("on", "off")
 CASES = ("get", "batch_get", "list")
@@ -80,45 +77,21 @@ class Side:
     server_us: dict[str, list[float]] = field(default_factory=dict)
 
 
-def seed(pg: ThrowawayPostgres, rows: int) -> list[str]:
-    with psycopg.connect(pg.dsn, autocommit=True) as connection:
-        connection.execute(
-            "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
-            " status, create_time, update_time, version)"
-            " SELECT gen_random_uuid(), md5((i %% 1000)::text)::uuid, 'META', 'ext_' || i, 'Account ' || i, 'EUR',"
-            " 'Europe/Paris', 'ACTIVE', '2026-01-01'::timestamptz + i * interval '1 second',"
-            " '2026-01-01'::timestamptz + i * interval '1 second', 1 FROM generate_series(1, %s) AS i",
-            (rows,),
-        )
-        connection.execute("VACUUM ANALYZE ad_accounts")
-        connection.execute("CHECKPOINT")
-        rows_ = connection.execute("SELECT id::text FROM ad_accounts ORDER BY random() LIMIT 20000").fetchall()
-    return [row[0] for row in rows_]
-
-
 def run(args: argparse.Namespace, workdir: Path, cleanup: contextlib.ExitStack) -> list[Side]:
     log(f"starting a throwaway PostgreSQL and seeding {args.rows:,} rows")
     pg = ThrowawayPostgres("adaccounts_bench_prepared")
     cleanup.callback(pg.cleanup)
     pg.start()
     tree = working_tree(ROOT)
-    env = without_settings(dict(os.environ))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
-    common = {
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg.port}/{pg.database}",
-        "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
-        "LOG_LEVEL": "WARNING",
-        "GRPC_HOST": "127.0.0.1",
-        "SHUTDOWN_GRACE_S": "2",
-        "DB_POOL_SIZE": str(args.pool_size),
-    }
-    subprocess.run(tree.cli("migrate"), env={**env, **common}, cwd=workdir, check=True, capture_output=True)
-    ids = seed(pg, args.rows)
+    env = server_env(f"postgresql://postgres@127.0.0.1:{pg.port}/{pg.database}", DB_POOL_SIZE=str(args.pool_size))
+    subprocess.run(tree.cli("migrate"), env=env, cwd=workdir, check=True, capture_output=True)
+    seeded = seed_accounts(pg.dsn, args.rows)
+    ids = random.sample(seeded, min(20_000, len(seeded)))
 
     sides: list[Side] = []
     for name in SIDES:
         port = free_port()
-        settings = {**common, "DB_PREPARED_STATEMENTS": "true" if name == "on" else "false"}
+        settings = {"DB_PREPARED_STATEMENTS": "true" if name == "on" else "false"}
         command = tree.cli("serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1")
         log(f"starting the server with prepared statements {name}")
         server = Server(f"adaccounts serve (prepared {name})", command, {**env, **settings}, workdir)
@@ -210,20 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--in-flight must be a multiple of --load-processes")
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be positive and --rounds at least 1")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.monotonic()
-    with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix="adaccounts-bench-prepared-"))
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with bench_workdir("adaccounts-bench-prepared-") as (workdir, cleanup):
         sides = run(args, workdir, cleanup)
     print(render(sides, args, time.monotonic() - started), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("[bench] interrupted: everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

@@ -28,11 +28,8 @@ import contextlib
 import functools
 import os
 import random
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -41,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import bench_workdir, exit_with, seed_accounts, server_env
 from loadgen import Job, LoadProcesses
 from revision import working_tree
 from run import Figures, Server
@@ -51,9 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/ is not a package; tests/helpers is
 from helpers.ports import free_port  # noqa: E402
 from helpers.replication import PrimaryAndReplica  # noqa: E402
-from helpers.settings import without_settings  # noqa: E402
 
-PAGE_TOKEN_SECRET = "bench-page-token-secret-0123456789"
 SIDES = ("none", "replica")
 
 
@@ -159,18 +154,7 @@ def reads_by_target(before: dict[str, float], after: dict[str, float]) -> dict[s
 
 
 def seed(pair: PrimaryAndReplica, rows: int) -> list[str]:
-    with psycopg.connect(pair.primary.dsn, autocommit=True) as connection:
-        connection.execute(
-            "INSERT INTO ad_accounts (id, owner_id, platform, external_id, name, currency_code, time_zone,"
-            " status, create_time, update_time, version)"
-            " SELECT gen_random_uuid(), md5((i %% 1000)::text)::uuid, 'META', 'ext_' || i, 'Account ' || i, 'EUR',"
-            " 'Europe/Paris', 'ACTIVE', '2026-01-01'::timestamptz + i * interval '1 second',"
-            " '2026-01-01'::timestamptz + i * interval '1 second', 1 FROM generate_series(1, %s) AS i",
-            (rows,),
-        )
-        connection.execute("VACUUM ANALYZE ad_accounts")
-        connection.execute("CHECKPOINT")
-        ids = [row[0] for row in connection.execute("SELECT id::text FROM ad_accounts").fetchall()]
+    ids = seed_accounts(pair.primary.dsn, rows)
     pair.wait_caught_up(timeout=120)
     random.Random(15).shuffle(ids)
     return ids[:20000]
@@ -185,25 +169,16 @@ def run(args: argparse.Namespace, workdir: Path, cleanup: contextlib.ExitStack) 
     ids = seed(pair, args.rows)
 
     tree = working_tree(ROOT)
-    base_env = without_settings(dict(os.environ))
-    base_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
-    common = {
-        "DATABASE_URL": pair.primary.url.render_as_string(hide_password=False),
-        "PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
-        "LOG_LEVEL": "WARNING",
-        "GRPC_HOST": "127.0.0.1",
-        "SHUTDOWN_GRACE_S": "2",
-        "DB_POOL_SIZE": str(args.pool_size),
-    }
+    env = server_env(pair.primary.url.render_as_string(hide_password=False), DB_POOL_SIZE=str(args.pool_size))
     sides: list[Side] = []
     for name in SIDES:
         port, metrics = free_port(), free_port()
-        settings = {**common, "METRICS_PORT": str(metrics)}
+        settings = {"METRICS_PORT": str(metrics)}
         if name == "replica":
             settings["DATABASE_REPLICA_URLS"] = pair.replica_urls_setting
         command = tree.cli("serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers))
         log(f"starting the server with {'one replica' if name == 'replica' else 'no replica'}")
-        server = Server(f"adaccounts serve ({name})", command, {**base_env, **settings}, workdir)
+        server = Server(f"adaccounts serve ({name})", command, {**env, **settings}, workdir)
         cleanup.callback(server.stop)
         server.wait_ready(lambda port=port: serving(f"127.0.0.1:{port}"), port, args.workers)
         sides.append(Side(name, port, [metrics + i for i in range(args.workers)]))
@@ -319,20 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--in-flight must be a multiple of --load-processes")
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be positive and --rounds at least 1")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.monotonic()
-    with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix="adaccounts-bench-replicas-"))
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with bench_workdir("adaccounts-bench-replicas-") as (workdir, cleanup):
         sides, _ = run(args, workdir, cleanup)
     print(render(sides, args, time.monotonic() - started), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("[bench] interrupted: everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

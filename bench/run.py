@@ -34,12 +34,10 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -56,6 +54,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from h2load import CASES as H2LOAD_CASES
 from h2load import H2load
 from h2load import installed as h2load_installed
+from harness import PAGE_TOKEN_SECRET, bench_workdir, exit_with
 from loadgen import ECHO_METHOD, Job, LoadProcesses, Outcome
 from revision import Tree, working_tree
 
@@ -64,7 +63,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers.pg_instance import ThrowawayPostgres  # noqa: E402  (tests/ is not a package; tests/helpers is)
 from helpers.ports import free_port  # noqa: E402
 
-PAGE_TOKEN_SECRET = "bench-page-token-secret-0123456789"
 PAGE_SIZE = 50
 # The setting that turns the pre-ping protection off, for "pre-ping on ÷ off" (--pre-ping-off).
 PRE_PING_OFF = "DB_POOL_PRE_PING=false"
@@ -831,14 +829,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     profile = SMOKE if args.smoke else FULL
 
-    # Ctrl-C (even when started in the background, where SIGINT is inherited ignored) and
-    # SIGTERM both unwind through the cleanup below.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.monotonic()
-    with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix="adaccounts-bench-"))
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with bench_workdir("adaccounts-bench-") as (workdir, cleanup):
         bench = Bench(args, profile, workdir, cleanup)
         if args.against:
             previous = cleanup.enter_context(
@@ -897,8 +889,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("[bench] interrupted: everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)
